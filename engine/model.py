@@ -1,0 +1,195 @@
+"""The engine's own decoder forward: Qwen2 and Llama in one compact module.
+
+One entry point, `Transformer.forward(tokens, positions, slots, mask)`, serves prefill,
+one-token decode and lookahead's 2D/tree steps alike: the caller says where each query
+token sits (RoPE position), which KV-cache slot it writes, and which cache slots it may
+see. Shapes depend only on the number of query tokens and the visible cache length, so a
+step with fixed sizes can be captured once as a CUDA graph and replayed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    arch: str  # "qwen2" or "llama": the only difference we model is the QKV bias
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    norm_eps: float
+    rope_theta: float
+    qkv_bias: bool
+    tie_embeddings: bool
+
+    @classmethod
+    def from_hf_config(cls, config) -> ModelArgs:
+        arch = config.model_type
+        # transformers 5 keeps RoPE settings in rope_parameters; 4.x in rope_scaling (+ rope_theta).
+        rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+        theta = rope.get("rope_theta") if isinstance(rope, dict) else None
+        theta = theta or getattr(config, "rope_theta", None) or 10000.0
+        scaling = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+        if scaling not in ("default", None):
+            raise ValueError(f"rope scaling '{scaling}' is not supported")
+        # Refuse what the forward does not model rather than silently computing something else.
+        if getattr(config, "mlp_bias", False) or (arch == "llama" and getattr(config, "attention_bias", False)):
+            raise ValueError("biases on the attention output or MLP projections are not supported")
+        if getattr(config, "use_sliding_window", False):
+            raise ValueError("sliding-window attention is not supported")
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return cls(
+            arch=arch,
+            vocab_size=config.vocab_size,
+            dim=config.hidden_size,
+            n_layers=config.num_hidden_layers,
+            n_heads=config.num_attention_heads,
+            n_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+            head_dim=head_dim,
+            intermediate_size=config.intermediate_size,
+            norm_eps=config.rms_norm_eps,
+            rope_theta=float(theta),
+            qkv_bias=arch == "qwen2",
+            tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # One fused kernel on CUDA (it accumulates in fp32); a decode step runs 57 of these.
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rope_tables(head_dim: int, max_positions: int, theta: float) -> tuple[Tensor, Tensor]:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def rope_factors(cos: Tensor, sin: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """[T, D/2] angles -> [T, 1, D] factors so that rope(x) = x*c + roll(x, D/2)*s.
+
+    Built once per step and shared by all layers: rotate-half costs 3 kernels a layer, not 9.
+    """
+    c = torch.cat((cos, cos), dim=-1).to(dtype)
+    s = torch.cat((-sin, sin), dim=-1).to(dtype)
+    return c[:, None, :], s[:, None, :]
+
+
+def apply_rope(x: Tensor, c: Tensor, s: Tensor) -> Tensor:
+    # x: [T, H, D]. roll by D/2 gives cat(x2, x1); with s = cat(-sin, sin) that is rotate_half(x)*sin.
+    return torch.addcmul(x * c, x.roll(x.shape[-1] // 2, dims=-1), s)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+        self.wqkv = nn.Linear(args.dim, q + 2 * kv, bias=args.qkv_bias)  # one matmul, not three
+        self.wo = nn.Linear(q, args.dim, bias=False)
+
+    def forward(self, x: Tensor, c: Tensor, s: Tensor, slots: Tensor, bias: Tensor, kv: Tensor) -> Tensor:
+        # x: [T, dim]; kv: this layer's cache [2, H_kv, S, D]; bias: [rep*T, L] additive mask over slots [0, L).
+        T = x.shape[0]
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = self.wqkv(x)
+        qk = apply_rope(qkv[:, : (H + Hkv) * D].view(T, H + Hkv, D), c, s)  # q and k rotated together
+        q, k = qk[:, :H], qk[:, H:]
+        v = qkv[:, (H + Hkv) * D :].view(T, Hkv, D)
+        kv[0].index_copy_(1, slots, k.transpose(0, 1))
+        kv[1].index_copy_(1, slots, v.transpose(0, 1))
+        L = bias.shape[-1]
+        keys, values = kv[0, :, :L], kv[1, :, :L]  # [H_kv, L, D]
+        # Grouped-query attention without copying K/V: fold the query heads that share a
+        # KV head into the query-length axis (the mask was repeated to match).
+        rep = H // Hkv
+        q = q.reshape(T, Hkv, rep, D).permute(1, 2, 0, 3).reshape(Hkv, rep * T, D)
+        # Plain batched matmuls rather than SDPA: with an arbitrary mask SDPA's kernel walks the
+        # keys with one block per head (~100 us a layer at T=1); cuBLAS spreads them out.
+        scores = torch.baddbmm(bias, q, keys.transpose(1, 2), alpha=self.head_dim**-0.5)
+        probs = torch.softmax(scores, dim=-1)  # accumulates in fp32 inside the kernel
+        out = torch.bmm(probs, values)  # [H_kv, rep*T, D]
+        out = out.view(Hkv, rep, T, D).permute(2, 0, 1, 3).reshape(T, H * D)
+        return self.wo(out)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.intermediate_size = args.intermediate_size
+        self.w13 = nn.Linear(args.dim, 2 * args.intermediate_size, bias=False)  # gate and up, fused
+        self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.w13(x).split(self.intermediate_size, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args)
+
+    def forward(self, x: Tensor, c: Tensor, s: Tensor, slots: Tensor, bias: Tensor, kv: Tensor) -> Tensor:
+        x = x + self.attention(self.attention_norm(x), c, s, slots, bias, kv)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs, max_seq_len: int):
+        super().__init__()
+        self.args = args
+        self.max_seq_len = max_seq_len
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.kv: Tensor | None = None  # [n_layers, 2, H_kv, S, D], allocated by setup_cache
+        self.rope_cos: Tensor | None = None  # [S, D/2] fp32, kept fp32 whatever the weights' dtype
+        self.rope_sin: Tensor | None = None
+
+    def setup_cache(self, dtype: torch.dtype | None = None) -> None:
+        """Allocate the static KV cache once; every step writes into it by slot index."""
+        a = self.args
+        device = self.output.weight.device
+        dtype = dtype or self.output.weight.dtype
+        self.kv = torch.zeros(a.n_layers, 2, a.n_kv_heads, self.max_seq_len, a.head_dim, dtype=dtype, device=device)
+        cos, sin = rope_tables(a.head_dim, self.max_seq_len, a.rope_theta)
+        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+
+    def forward(self, tokens: Tensor, positions: Tensor, slots: Tensor, mask: Tensor, logits: bool = True) -> Tensor:
+        """tokens/positions/slots: [T]; mask: [T, L] bool, True where a query may see a slot.
+
+        Returns logits [T, vocab] (or the final hidden states when `logits` is False, which
+        prefill uses: it only needs the KV it writes).
+        """
+        assert self.kv is not None, "call setup_cache() first"
+        x = self.tok_embeddings(tokens)
+        c, s = rope_factors(self.rope_cos[positions], self.rope_sin[positions], x.dtype)
+        rep = self.args.n_heads // self.args.n_kv_heads
+        # Additive mask, built once per step, rows repeated to match the folded GQA query layout.
+        bias = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
+        bias = bias.repeat(rep, 1)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, c, s, slots, bias, self.kv[i])
+        if not logits:
+            return x
+        return self.output(self.norm(x))

@@ -1,0 +1,176 @@
+"""Run fixed-shape steps of the model over its static KV cache, as CUDA graphs where possible.
+
+A step is described by a `StepShape`: how many query tokens it has, each one's position
+relative to the step's base slot, and which of the step's own tokens each may see. Every
+step writes its tokens' K/V at slots base..base+T-1 and sees all slots below base. The
+mask, positions and slots are computed on the device from the base slot, so one captured
+graph per (shape, visible-length bucket) serves every step of that shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cache
+
+import torch
+from torch import Tensor
+
+from .model import Transformer
+
+
+@dataclass(eq=False)
+class StepShape:
+    name: str
+    rel_pos: Tensor  # [T] long: position of each query token relative to the base slot
+    local: Tensor  # [T, T] bool: which of the step's own tokens each query token may see
+    logits: bool = True  # prefill only needs the K/V it writes
+
+    @property
+    def size(self) -> int:
+        return int(self.rel_pos.shape[0])
+
+
+@cache
+def causal_shape(size: int, name: str | None = None, logits: bool = False) -> StepShape:
+    """Plain causal block: prefill chunks (and, with size 1 and logits, the AR decode step)."""
+    # The name keys captured graphs, so a shape with logits must not share one without.
+    name = name or f"causal{size}" + ("-logits" if logits else "")
+    return StepShape(name, torch.arange(size), torch.ones(size, size, dtype=torch.bool).tril(), logits)
+
+
+DECODE = causal_shape(1, "decode", logits=True)
+
+
+@dataclass
+class Captured:
+    graph: torch.cuda.CUDAGraph
+    tokens: Tensor
+    base: Tensor
+    argmax: Tensor
+    logits: Tensor | None
+
+
+@dataclass
+class Runner:
+    model: Transformer
+    use_graphs: bool = True
+    kv_bucket: int = 256  # visible cache length is rounded up to this: attention cost follows it
+    prefill_chunk: int = 512
+    graph_prefill_sizes: tuple[int, ...] = (8, 32, 128)  # short prefills (keystrokes) run as graphs
+    graphs: dict[tuple[str, int], Captured] = field(default_factory=dict)
+    _pool: object = None
+    _device_shapes: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.device = self.model.output.weight.device
+        self.use_graphs = self.use_graphs and self.device.type == "cuda"
+        self.capacity = self.model.max_seq_len
+        self._arange = torch.arange(self.capacity, device=self.device)
+
+    # -- shapes -----------------------------------------------------------------------------
+    def visible_len(self, end: int) -> int:
+        return min(self.capacity, -(-end // self.kv_bucket) * self.kv_bucket)
+
+    def _on_device(self, shape: StepShape) -> tuple[Tensor, Tensor]:
+        cached = self._device_shapes.get(shape.name)
+        if cached is None:
+            cached = (shape.rel_pos.to(self.device), shape.local.to(self.device))
+            self._device_shapes[shape.name] = cached
+        return cached
+
+    def _forward(self, shape: StepShape, tokens: Tensor, base: Tensor, visible: int) -> tuple[Tensor, Tensor | None]:
+        """The whole step from device tensors only, so that it can be captured."""
+        rel_pos, local = self._on_device(shape)
+        T = shape.size
+        positions = base + rel_pos
+        slots = base + self._arange[:T]
+        s = self._arange[:visible]
+        offset = s - base  # [L]: where each visible slot falls inside this step's block
+        in_block = (offset >= 0) & (offset < T)
+        mask = (s < base) | (local[:, offset.clamp(0, T - 1)] & in_block)
+        out = self.model(tokens, positions, slots, mask, logits=shape.logits)
+        if not shape.logits:
+            return out[:0, 0].long(), None
+        return out.argmax(-1), out
+
+    # -- running ------------------------------------------------------------------------------
+    def step(self, shape: StepShape, tokens: list[int] | Tensor, base: int) -> tuple[Tensor, Tensor | None]:
+        """Run one step with its first token at slot `base`; returns (argmax [T], logits [T, V]).
+
+        The returned tensors belong to the runner and are overwritten by the next step.
+        """
+        T = shape.size
+        if base + T > self.capacity:
+            raise ValueError(f"step of {T} tokens at slot {base} exceeds the cache ({self.capacity} slots)")
+        if not isinstance(tokens, Tensor):
+            tokens = torch.tensor(tokens, dtype=torch.long)
+        visible = self.visible_len(base + T)
+        if not self.use_graphs:
+            with torch.no_grad():
+                return self._forward(shape, tokens.to(self.device), torch.tensor(base, device=self.device), visible)
+        key = (shape.name, visible)
+        cap = self.graphs.get(key)
+        if cap is None:
+            cap = self._capture(shape, tokens, base, visible)
+            self.graphs[key] = cap
+        cap.tokens.copy_(tokens, non_blocking=True)
+        cap.base.fill_(base)
+        cap.graph.replay()
+        return cap.argmax, cap.logits
+
+    @torch.no_grad()
+    def _capture(self, shape: StepShape, tokens: Tensor, base: int, visible: int) -> Captured:
+        # Warm-up runs write the same K/V the real step is about to write, so they are harmless.
+        tokens_buf = tokens.to(self.device).clone()
+        base_buf = torch.tensor(base, device=self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._forward(shape, tokens_buf, base_buf, visible)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            argmax, logits = self._forward(shape, tokens_buf, base_buf, visible)
+        return Captured(graph, tokens_buf, base_buf, argmax, logits)
+
+    def prefill(self, tokens: list[int], start: int) -> None:
+        """Write K/V for `tokens` at slots start.. (no logits: the decode loop makes the first)."""
+        pos = 0
+        while pos < len(tokens):
+            n = min(self.prefill_chunk, len(tokens) - pos)
+            bucket = next((b for b in self.graph_prefill_sizes if b >= n), None) if self.use_graphs else None
+            if bucket is not None and start + pos + bucket <= self.capacity:
+                # Pad to a captured size: the padding rows write slots past the prompt, which
+                # nothing sees and the next step overwrites.
+                chunk = tokens[pos : pos + n] + [0] * (bucket - n)
+                self.step(causal_shape(bucket), chunk, start + pos)
+            else:
+                self.step(causal_shape(n), tokens[pos : pos + n], start + pos)
+            pos += n
+
+    # -- cache bookkeeping --------------------------------------------------------------------
+    @property
+    def bytes_per_token(self) -> int:
+        kv = self.model.kv
+        return kv[:, :, :, :1].numel() * kv.element_size()
+
+    def move_slots(self, src: list[int], dst: list[int]) -> None:
+        """Copy K/V between slots (all layers): accepted lookahead tokens into their final place."""
+        if not src:
+            return
+        kv = self.model.kv
+        with torch.no_grad():
+            s = torch.tensor(src, device=self.device)
+            d = torch.tensor(dst, device=self.device)
+            kv.index_copy_(3, d, kv.index_select(3, s))
+
+    def save(self, n: int) -> Tensor:
+        """A copy of the first n slots' K/V (a parked document session)."""
+        return self.model.kv[:, :, :, :n].clone()
+
+    def restore(self, saved: Tensor) -> None:
+        self.model.kv[:, :, :, : saved.shape[3]].copy_(saved)
+

@@ -1,0 +1,103 @@
+"""Per-document KV sessions: what each open document already has in the KV cache.
+
+The model has one working KV cache (its addresses are baked into the CUDA graphs). The
+active document's tokens live there; switching documents parks the active one's K/V in a
+copy and restores the other's. Parked copies share a byte budget and are evicted least
+recently used first; an eviction only costs a cold prefill later, never correctness.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .lookahead import NGramPool
+from .runner import Runner
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+@dataclass
+class Session:
+    document: str
+    tokens: list[int] = field(default_factory=list)  # tokens whose K/V are valid, slot == index
+    parked: Tensor | None = None  # their K/V while another document is active
+    pool: NGramPool | None = None  # lookahead n-grams, kept across requests
+    seeded: list[int] = field(default_factory=list)  # prompt the pool was last seeded from
+    last: tuple[str, str, str] | None = None  # (prefix, suffix, completion) for type-through
+    used: float = field(default_factory=time.monotonic)
+
+
+class SessionStore:
+    def __init__(self, runner: Runner, budget_bytes: int, max_sessions: int = 64):
+        self.runner = runner
+        self.budget_bytes = budget_bytes
+        self.max_sessions = max_sessions
+        self.sessions: OrderedDict[str, Session] = OrderedDict()  # least recently used first
+        self.active: Session | None = None
+        self.evictions = 0
+
+    def parked_bytes(self) -> int:
+        return sum(s.parked.numel() * s.parked.element_size() for s in self.sessions.values() if s.parked is not None)
+
+    def activate(self, document: str) -> Session:
+        """Make `document`'s K/V the working cache's contents; returns its session."""
+        session = self.sessions.get(document)
+        if session is None:
+            session = self.sessions[document] = Session(document)
+            while len(self.sessions) > self.max_sessions:
+                self.drop(next(iter(self.sessions)))
+        self.sessions.move_to_end(document)
+        session.used = time.monotonic()
+        if self.active is session:
+            return session
+        if self.active is not None:
+            self._park(self.active)
+        if session.parked is not None:
+            self.runner.restore(session.parked)
+            session.parked = None
+        self.active = session
+        return session
+
+    def _park(self, session: Session) -> None:
+        if not session.tokens:
+            return
+        need = self.runner.bytes_per_token * len(session.tokens)
+        self._evict_until(self.budget_bytes - need)
+        if need > self.budget_bytes:
+            session.tokens = []
+            return
+        try:
+            session.parked = self.runner.save(len(session.tokens))
+        except torch.OutOfMemoryError:
+            self._evict_until(0)
+            session.tokens = []
+
+    def _evict_until(self, limit: int) -> None:
+        for s in list(self.sessions.values()):  # oldest first
+            if self.parked_bytes() <= limit:
+                return
+            if s.parked is not None:
+                s.parked, s.tokens = None, []
+                self.evictions += 1
+
+    def drop(self, document: str) -> None:
+        """Forget a document (closed in the editor, or evicted as the least recently used)."""
+        session = self.sessions.pop(document, None)
+        if session is not None and session is self.active:
+            self.active = None
+
+    def invalidate_working_cache(self) -> None:
+        """The working cache was overwritten outside a session (e.g. a benchmark)."""
+        if self.active is not None:
+            self.active.tokens = []

@@ -1,0 +1,99 @@
+"""Text <-> token ids with control tokens handled by id only.
+
+File text is always encoded with special-token parsing off: a source file that contains
+`<|endoftext|>` or `<|fim_middle|>` is text, never a control token. Control tokens (FIM
+markers, stop tokens) are looked up in the vocabulary and inserted by id, which also keeps
+prompts right on tokenizer builds that do not parse them (transformers 5.17's GGUF path).
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+
+from tokenizers import Tokenizer
+
+FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE = "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"
+STOP_NAMES = ("<|endoftext|>", "<|im_end|>", "<|fim_pad|>", "<|file_sep|>", "<|repo_name|>",
+              FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE, "</s>", "<|end_of_text|>", "<|eot_id|>")
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte <-> printable-character table used by byte-level BPE vocabularies."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs), strict=True))
+
+
+class Codec:
+    def __init__(self, tokenizer, eos_ids: list[int] | None = None):
+        # Our own copy of the Rust tokenizer, so switching special parsing off touches nobody else.
+        self.backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        self.backend.encode_special_tokens = True
+        self.vocab: dict[str, int] = self.backend.get_vocab(with_added_tokens=True)
+        self.vocab_size = max(self.vocab.values()) + 1
+        stops = {self.vocab[name] for name in STOP_NAMES if name in self.vocab}
+        stops.update(i for i in (eos_ids or []) if i is not None)
+        self.stop_ids = frozenset(stops)
+
+    def token_id(self, text: str) -> int | None:
+        return self.vocab.get(text)
+
+    @property
+    def fim_ids(self) -> tuple[int, int, int] | None:
+        ids = tuple(self.vocab.get(t) for t in (FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE))
+        return ids if None not in ids else None  # type: ignore[return-value]
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids if text else []
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        if not text:
+            return [], []
+        enc = self.backend.encode(text, add_special_tokens=False)
+        return enc.ids, enc.offsets
+
+    @cached_property
+    def token_bytes(self) -> list[bytes]:
+        """The exact bytes each token stands for (control tokens: their literal text)."""
+        table: list[bytes] = [b""] * self.vocab_size
+        decoder = json.loads(self.backend.to_str()).get("decoder") or {}
+        kinds = {decoder.get("type")} | {d.get("type") for d in decoder.get("decoders", []) or []}
+        if "ByteLevel" in kinds:
+            byte_of = {c: b for b, c in bytes_to_unicode().items()}
+            for tok, i in self.vocab.items():
+                if all(c in byte_of for c in tok):
+                    table[i] = bytes(byte_of[c] for c in tok)
+                else:
+                    table[i] = tok.encode()
+        else:
+            for i in range(self.vocab_size):
+                table[i] = self.backend.decode([i], skip_special_tokens=False).encode()
+        return table
+
+    @cached_property
+    def ids_by_first_byte(self) -> dict[int, list[int]]:
+        index: dict[int, list[int]] = {}
+        for i, b in enumerate(self.token_bytes):
+            if b and i not in self.stop_ids:
+                index.setdefault(b[0], []).append(i)
+        return index
+
+    def to_bytes(self, ids: list[int]) -> bytes:
+        table = self.token_bytes
+        return b"".join(table[i] for i in ids)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.to_bytes(ids).decode("utf-8", errors="replace")
+
+    def healing_candidates(self, removed: bytes) -> list[int]:
+        """Tokens that agree with `removed`: they start with it, or are a prefix of it."""
+        table = self.token_bytes
+        return [i for i in self.ids_by_first_byte.get(removed[0], ())
+                if table[i].startswith(removed) or removed.startswith(table[i])]

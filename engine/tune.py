@@ -1,0 +1,364 @@
+"""`ahead tune`: find the lookahead (W, N, G) that decodes fastest for this model on this machine.
+
+Each config is a trade: a wider window and more candidates accept more tokens per step, but
+make every step bigger, and past the point where a step stops being bandwidth-bound they cost
+more than they gain. Only measuring on real cases settles it; the winner is stored for the
+engine to use as its default. `--shape` times single steps of a model whose weights are not
+here (random weights of its shape), so that a speedup can be projected for it from the
+tokens per step measured on a smaller model of the same family.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .bench import (
+    DEFAULT_CASES,
+    add_engine_flags,
+    capture_shapes,
+    cases_path,
+    complete_case,
+    engine_from_args,
+    format_table,
+    load_cases,
+    mean,
+    progress,
+    sync,
+    warm_engine,
+)
+from .default_model import default_model_path
+from .engine import Engine, EngineOptions
+from .errors import AheadError
+from .loading import (
+    Checkpoint,
+    gguf_tokenizer_and_config,
+    kv_bytes,
+    load_checkpoint,
+    resolve_device,
+    resolve_dtype,
+    stderr_log,
+    weight_bytes,
+)
+from .lookahead import LookaheadConfig, step_shape
+from .runner import DECODE, StepShape
+from .tuning_store import store_tuned, tuning_key
+
+H100_BANDWIDTH = 3.35e12  # B/s, H100 SXM HBM3
+QWEN2_COMMON = dict(rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=32768, use_sliding_window=False)
+SHAPES: dict[str, dict] = {
+    "qwen2.5-coder-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                             num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+    "qwen2.5-coder-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                               num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+}
+
+
+def int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise AheadError(f"{flag} takes a comma list of integers (got '{text}')") from None
+
+
+def grid_configs(args: argparse.Namespace) -> list[LookaheadConfig]:
+    """--grid "W,N,G;W,N,G" when given, else the product of --windows, --ngrams and --verify."""
+    try:
+        if args.grid:
+            configs = [LookaheadConfig.parse(part) for part in args.grid.split(";") if part.strip()]
+        else:
+            product = itertools.product(int_list(args.windows, "--windows"), int_list(args.ngrams, "--ngrams"),
+                                        int_list(args.verify, "--verify"))
+            configs = [LookaheadConfig.parse(f"{w},{n},{g}") for w, n, g in product]
+    except ValueError as exc:
+        raise AheadError(str(exc)) from None
+    if not configs:
+        raise AheadError("the grid is empty")
+    return list(dict.fromkeys(configs))  # keep order, drop repeats
+
+
+# -- tuning on the real model ---------------------------------------------------------------------
+def decode_cases(engine: Engine, cases: list[dict], cfg: LookaheadConfig | None, max_tokens: int) -> dict:
+    """All cases decoded cold with AR (cfg None) or lookahead, after one warm-up completion."""
+    decoding = "lookahead" if cfg else "ar"
+    complete_case(engine, cases[0], decoding, cfg, max_tokens)
+    tokens, steps, seconds, step_ms, outputs = 0, 0, 0.0, [], []
+    for case in cases:
+        completion, elapsed = complete_case(engine, case, decoding, cfg, max_tokens)
+        tokens += len(completion.tokens)
+        steps += completion.steps
+        seconds += elapsed
+        step_ms += completion.step_ms
+        outputs.append(completion.tokens)
+    return {
+        "tok_s": tokens / seconds if seconds else 0.0,
+        "tokens_per_step": tokens / steps if steps else None,
+        "step_ms_mean": mean(step_ms),
+        "tokens": tokens,
+        "seconds": seconds,
+        "outputs": outputs,
+    }
+
+
+def run_tune(engine: Engine, args: argparse.Namespace) -> dict:
+    """Sweep the grid on the cases; results sorted fastest first. Stores nothing (see `store_best`)."""
+    configs = grid_configs(args)
+    cases = load_cases(cases_path(args.cases), args.limit)
+    warm_engine(engine, cases, [])
+    ar = decode_cases(engine, cases, None, args.max_tokens)
+    results = []
+    for cfg in progress(configs, "tune", "config"):
+        capture_shapes(engine, [step_shape(cfg)])
+        got = decode_cases(engine, cases, cfg, args.max_tokens)
+        same = sum(a == b for a, b in zip(got["outputs"], ar["outputs"], strict=True)) / len(cases)
+        results.append({
+            "config": str(cfg), "window": cfg.window, "ngram": cfg.ngram, "verify": cfg.verify,
+            "step_tokens": cfg.step_tokens, "tok_s": got["tok_s"],
+            "speedup_vs_ar": got["tok_s"] / ar["tok_s"] if ar["tok_s"] else None,
+            "tokens_per_step": got["tokens_per_step"], "step_ms_mean": got["step_ms_mean"], "identical": same,
+        })
+    results.sort(key=lambda r: -r["tok_s"])
+    return {
+        "model": engine.model_name,
+        "engine": engine.describe(),
+        "device": engine.device_name(),
+        "dtype": str(engine.dtype).removeprefix("torch."),
+        "cases": len(cases),
+        "max_tokens": args.max_tokens,
+        "ar": {k: ar[k] for k in ("tok_s", "step_ms_mean", "tokens")},
+        "results": results,
+        "best": results[0],
+    }
+
+
+def store_best(engine: Engine, result: dict) -> Path:
+    best = result["best"]
+    summary = {k: best[k] for k in ("tok_s", "speedup_vs_ar", "tokens_per_step")}
+    return store_tuned(engine, LookaheadConfig.parse(best["config"]), summary)
+
+
+# -- projecting a model size from random weights --------------------------------------------------
+def shape_config(shape: str, like) -> object:
+    """A Qwen2 config of a named size, with the token ids of the real model `like`."""
+    from transformers import Qwen2Config
+
+    if shape not in SHAPES:
+        raise AheadError(f"unknown shape '{shape}' (choose from {', '.join(SHAPES)})")
+    ids = {k: getattr(like, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    return Qwen2Config(**QWEN2_COMMON, **SHAPES[shape], **ids)
+
+
+def random_state_dict(config, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """HF-named Qwen2 weights, N(0, 0.02) and norms of ones, made on the device: 7B in fp32 on
+    the host would take minutes and 30 GB."""
+
+    def normal(*shape: int) -> torch.Tensor:
+        return torch.empty(shape, device=device, dtype=dtype).normal_(0.0, 0.02)
+
+    def ones(n: int) -> torch.Tensor:
+        return torch.ones(n, device=device, dtype=dtype)
+
+    D, V, inner = config.hidden_size, config.vocab_size, config.intermediate_size
+    hd = getattr(config, "head_dim", None) or D // config.num_attention_heads
+    q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
+    state = {"model.embed_tokens.weight": normal(V, D), "model.norm.weight": ones(D)}
+    if not config.tie_word_embeddings:
+        state["lm_head.weight"] = normal(V, D)
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        state |= {
+            p + "input_layernorm.weight": ones(D),
+            p + "post_attention_layernorm.weight": ones(D),
+            p + "self_attn.q_proj.weight": normal(q, D), p + "self_attn.q_proj.bias": normal(q),
+            p + "self_attn.k_proj.weight": normal(kv, D), p + "self_attn.k_proj.bias": normal(kv),
+            p + "self_attn.v_proj.weight": normal(kv, D), p + "self_attn.v_proj.bias": normal(kv),
+            p + "self_attn.o_proj.weight": normal(D, q),
+            p + "mlp.gate_proj.weight": normal(inner, D),
+            p + "mlp.up_proj.weight": normal(inner, D),
+            p + "mlp.down_proj.weight": normal(D, inner),
+        }
+    return state
+
+
+def real_tokenizer(spec: str | None):
+    """(config, tokenizer) of the real model: from a GGUF's metadata alone when possible (no weights)."""
+    path = Path(spec).expanduser() if spec not in (None, "", "default") else default_model_path()
+    if path.is_file() and path.suffix == ".gguf":
+        return gguf_tokenizer_and_config(path, stderr_log)
+    ckpt = load_checkpoint(spec)
+    return ckpt.config, ckpt.tokenizer
+
+
+def shape_engine(args: argparse.Namespace) -> Engine:
+    like, tokenizer = real_tokenizer(args.model)
+    config = shape_config(args.shape, like)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    torch.manual_seed(0)
+    ckpt = Checkpoint(config, tokenizer, random_state_dict(config, device, dtype), f"random-{args.shape}")
+    engine = Engine(EngineOptions(device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len),
+                    checkpoint=ckpt)
+    ckpt.state_dict.clear()  # the model holds what it uses; the unfused Q/K/V and gate/up copies can go
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return engine
+
+
+def time_step(engine: Engine, shape: StepShape, base: int, replays: int) -> float:
+    """Median ms of one step at `base` including reading its argmax back, as the decode loops do."""
+    runner = engine.runner
+    tokens = torch.randint(engine.model.args.vocab_size, (shape.size,)).tolist()
+    for _ in range(3):  # capture and settle
+        runner.step(shape, tokens, base)[0].tolist()
+    times = []
+    for _ in range(replays):
+        sync(engine.device)
+        started = time.perf_counter()
+        runner.step(shape, tokens, base)[0].tolist()
+        times.append((time.perf_counter() - started) * 1e3)
+    return statistics.median(times)
+
+
+def run_shape(engine: Engine, args: argparse.Namespace) -> dict:
+    """Step times of every config against the AR step at `--context` tokens, and the bandwidth floor."""
+    configs = grid_configs(args)
+    context = args.context
+    if context + max(c.step_tokens for c in configs) > engine.runner.capacity:
+        raise AheadError(f"--context {context} plus a step does not fit --max-seq-len {engine.runner.capacity}")
+    real_tps: dict[str, float] = {}
+    if args.tokens_per_step_from:
+        try:
+            previous = json.loads(Path(args.tokens_per_step_from).read_text())
+            real_tps = {r["config"]: r["tokens_per_step"] for r in previous["results"] if r.get("tokens_per_step")}
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise AheadError(f"{args.tokens_per_step_from} is not a `ahead tune --json` output ({exc})") from None
+
+    g = torch.Generator().manual_seed(0)
+    engine.runner.prefill(torch.randint(engine.model.args.vocab_size, (context,), generator=g).tolist(), 0)
+    ar_ms = time_step(engine, DECODE, context, args.replays)
+    results = []
+    for cfg in progress(configs, "steps", "config"):
+        ms = time_step(engine, step_shape(cfg), context, args.replays)
+        tps = real_tps.get(str(cfg))
+        results.append({
+            "config": str(cfg), "window": cfg.window, "ngram": cfg.ngram, "verify": cfg.verify,
+            "step_tokens": cfg.step_tokens, "step_ms": ms, "ar_over_step": ar_ms / ms,
+            "tokens_per_step": tps, "projected_speedup": tps * ar_ms / ms if tps else None,
+        })
+    engine.sessions.invalidate_working_cache()
+    if real_tps:
+        results.sort(key=lambda r: -(r["projected_speedup"] or 0.0))
+
+    a, dtype = engine.model.args, engine.dtype
+    weights, kv = weight_bytes(a, dtype), kv_bytes(a, context, dtype)
+    floor_ms = (weights + kv) / args.bandwidth * 1e3
+    return {
+        "shape": args.shape,
+        "engine": engine.describe(),
+        "device": engine.device_name(),
+        "dtype": str(dtype).removeprefix("torch."),
+        "context": context,
+        "replays": args.replays,
+        "ar_step_ms": ar_ms,
+        "weight_bytes": weights,
+        "kv_bytes": kv,
+        "bandwidth": args.bandwidth,
+        "floor_ms": floor_ms,
+        "ar_step_over_floor": ar_ms / floor_ms,
+        "tokens_per_step_from": args.tokens_per_step_from,
+        "results": results,
+    }
+
+
+# -- printing -------------------------------------------------------------------------------------
+def report(result: dict) -> str:
+    if "shape" in result:
+        head = (f"{result['engine']} (random weights, {result['shape']}): AR step {result['ar_step_ms']:.3f} ms at "
+                f"{result['context']} tokens of context; bandwidth floor {result['floor_ms']:.3f} ms "
+                f"({result['bandwidth'] / 1e12:.2f} TB/s), step/floor {result['ar_step_over_floor']:.2f}")
+        rows = [[r["config"], r["step_tokens"], r["step_ms"], r["ar_over_step"], r["tokens_per_step"],
+                 r["projected_speedup"]] for r in result["results"]]
+        return head + "\n" + format_table(["W,N,G", "T", "step ms", "ar/step", "tok/step", "proj. speedup"], rows)
+    ar = result["ar"]
+    head = (f"{result['engine']}: {result['cases']} cases, {result['max_tokens']} new tokens max; "
+            f"AR {ar['tok_s']:.1f} tok/s, {ar['step_ms_mean']:.3g} ms/step")
+    rows = [[r["config"], r["step_tokens"], r["tok_s"], r["speedup_vs_ar"], r["tokens_per_step"], r["step_ms_mean"],
+             r["identical"]] for r in result["results"]]
+    return head + "\n" + format_table(["W,N,G", "T", "tok/s", "x ar", "tok/step", "step ms", "same ar"], rows)
+
+
+def chart(path: str, result: dict) -> Path:
+    """One W x N heatmap per G, of tok/s (or, with --shape, the projected speedup or ar/step ratio)."""
+    from .charts import heatmaps
+
+    rows = result["results"]
+    if "shape" in result:
+        key = "projected_speedup" if any(r["projected_speedup"] for r in rows) else "ar_over_step"
+        title = f"random {result['shape']} on {result['device']}"
+    else:
+        key, title = "tok_s", f"{Path(result['model']).name} on {result['device']} ({result['dtype']})"
+    windows = sorted({r["window"] for r in rows})
+    ngrams = sorted({r["ngram"] for r in rows})
+    panels = {}
+    for g in sorted({r["verify"] for r in rows}):
+        value = {(r["window"], r["ngram"]): r[key] for r in rows if r["verify"] == g}
+        grid = [[math.nan if value.get((w, n)) is None else value[w, n] for n in ngrams] for w in windows]
+        panels[f"G = {g}"] = ([str(w) for w in windows], [str(n) for n in ngrams], grid)
+    return heatmaps(path, panels, title, key.replace("_", " "), row_name="W (window)", col_name="N (n-gram)")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.shape:
+        engine = shape_engine(args)
+        result = run_shape(engine, args)
+    else:
+        engine = engine_from_args(args)
+        result = run_tune(engine, args)
+        if not args.no_store:
+            path = store_best(engine, result)
+            result["stored"] = {"path": str(path), "key": tuning_key(engine)}
+            print(f"ahead: stored lookahead {result['best']['config']} for {tuning_key(engine)} in {path}",
+                  file=sys.stderr)
+    if args.chart:
+        result["chart"] = str(chart(args.chart, result))
+        print(f"ahead: chart written to {result['chart']}", file=sys.stderr)
+    print(json.dumps(result) if args.json else report(result))
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_engine_flags(parser)
+    parser.add_argument("--cases", help=f"JSON lines of cases (default: {DEFAULT_CASES} when present)")
+    parser.add_argument("--limit", type=int, default=8, help="first N cases")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--windows", default="4,8,12", help="W values")
+    parser.add_argument("--ngrams", default="3,4,5,6", help="N values")
+    parser.add_argument("--verify", default="4,8", help="G values")
+    parser.add_argument("--grid", help='explicit configs "W,N,G;W,N,G;..." (instead of the product)')
+    parser.add_argument("--no-store", action="store_true", help="do not make the best config the default")
+    parser.add_argument("--chart", default="tune.png", help="PNG heatmaps ('' for none)")
+    parser.add_argument("--shape", help=f"time steps of random weights of this shape ({', '.join(SHAPES)}); "
+                        "--model then only provides the tokenizer")
+    parser.add_argument("--context", type=int, default=1024, help="--shape: tokens in the cache while timing")
+    parser.add_argument("--replays", type=int, default=50, help="--shape: timed replays per step (median)")
+    parser.add_argument("--bandwidth", type=float, default=H100_BANDWIDTH, help="--shape: memory bandwidth, B/s")
+    parser.add_argument("--tokens-per-step-from", help="--shape: a `tune --json` output on the real model, to "
+                        "project speedups from its tokens per step")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "tune", help="find the fastest lookahead W,N,G and make it the default",
+        description="Sweep lookahead configs on completion cases; store the fastest for this model and device.",
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=main)
+    return parser

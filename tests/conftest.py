@@ -1,0 +1,82 @@
+"""Shared fixtures: the real SmolLM2 GGUF, and tiny random Qwen2/Llama models built in-process.
+
+Tiny models keep most tests fast and offline; the real weights (marked `slow`) catch what
+random weights cannot, such as GGUF dequantization and Llama's Q/K permutation.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedTokenizerFast, Qwen2Config
+
+from engine.default_model import default_model_path
+from engine.loading import Checkpoint
+
+GET_MODEL = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "get-model"
+
+# Small enough to run in milliseconds, big enough for GQA (4 query heads over 2 or 1 KV heads).
+TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+ARCHS = {
+    "qwen2": lambda kw: Qwen2Config(**{**TINY, "num_key_value_heads": 2, "rope_theta": 1e6, **kw}),
+    "llama": lambda kw: LlamaConfig(**{**TINY, "num_key_value_heads": 1, "tie_word_embeddings": False, **kw}),
+}
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M GGUF: from the shared fixtures script when present, else ahead's own default fetch."""
+    if GET_MODEL.is_file():
+        done = subprocess.run(["bash", str(GET_MODEL), "smollm2-135m"], capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.fail(f"{GET_MODEL} smollm2-135m failed: {done.stderr.strip()}")
+        return Path(done.stdout.strip().splitlines()[-1])
+    return default_model_path()
+
+
+@pytest.fixture
+def tiny_config() -> Callable[..., PretrainedConfig]:
+    """Factory: tiny_config("qwen2" | "llama", **overrides) -> a small HF config."""
+
+    def make(arch: str, **overrides) -> PretrainedConfig:
+        return ARCHS[arch](overrides)
+
+    return make
+
+
+@pytest.fixture
+def tiny_model() -> Callable[[PretrainedConfig], tuple[torch.nn.Module, Checkpoint]]:
+    """Factory: a seeded random HF model for a config (the reference) and its weights as a Checkpoint.
+
+    Every parameter gets noise, norms and biases included: HF initialises those to ones and
+    zeros, so a forward that ignored them would otherwise still match.
+    """
+
+    def make(config: PretrainedConfig) -> tuple[torch.nn.Module, Checkpoint]:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        return model, Checkpoint(model.config, tokenizer=None, state_dict=model.state_dict(), source="tiny")
+
+    return make
+
+
+@pytest.fixture
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE (the kind Qwen2 and Llama 3 use) trained in milliseconds on a code snippet."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=TINY["vocab_size"], initial_alphabet=alphabet, show_progress=False)
+    corpus = ["def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1)\n"]
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
