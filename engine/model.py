@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernels
+
 
 @dataclass(frozen=True)
 class ModelArgs:
@@ -103,11 +105,15 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(args.dim, q + 2 * kv, bias=args.qkv_bias)  # one matmul, not three
         self.wo = nn.Linear(q, args.dim, bias=False)
 
-    def forward(self, x: Tensor, c: Tensor, s: Tensor, slots: Tensor, bias: Tensor, kv: Tensor) -> Tensor:
-        # x: [T, dim]; kv: this layer's cache [2, H_kv, S, D]; bias: [rep*T, L] additive mask over slots [0, L).
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], slots: Tensor, bias: Tensor, kv: Tensor) -> Tensor:
+        # x: [T, dim]; kv: this layer's cache [2, H_kv, S, D]; bias: [T, L] additive mask over slots [0, L).
         T = x.shape[0]
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.wqkv(x)
+        if kernels.usable(x):
+            q = kernels.rope_and_cache(qkv, *rope, slots, kv, H)
+            return self.wo(kernels.attention(q, kv, bias, H))
+        c, s = rope
         qk = apply_rope(qkv[:, : (H + Hkv) * D].view(T, H + Hkv, D), c, s)  # q and k rotated together
         q, k = qk[:, :H], qk[:, H:]
         v = qkv[:, (H + Hkv) * D :].view(T, Hkv, D)
@@ -116,13 +122,11 @@ class Attention(nn.Module):
         L = bias.shape[-1]
         keys, values = kv[0, :, :L], kv[1, :, :L]  # [H_kv, L, D]
         # Grouped-query attention without copying K/V: fold the query heads that share a
-        # KV head into the query-length axis (the mask was repeated to match).
+        # KV head into the query-length axis, and repeat the mask rows to match.
         rep = H // Hkv
         q = q.reshape(T, Hkv, rep, D).permute(1, 2, 0, 3).reshape(Hkv, rep * T, D)
-        # Plain batched matmuls rather than SDPA: with an arbitrary mask SDPA's kernel walks the
-        # keys with one block per head (~100 us a layer at T=1); cuBLAS spreads them out.
-        scores = torch.baddbmm(bias, q, keys.transpose(1, 2), alpha=self.head_dim**-0.5)
-        probs = torch.softmax(scores, dim=-1)  # accumulates in fp32 inside the kernel
+        scores = torch.baddbmm(bias.repeat(rep, 1), q, keys.transpose(1, 2), alpha=self.head_dim**-0.5)
+        probs = torch.softmax(scores, dim=-1)
         out = torch.bmm(probs, values)  # [H_kv, rep*T, D]
         out = out.view(Hkv, rep, T, D).permute(2, 0, 1, 3).reshape(T, H * D)
         return self.wo(out)
@@ -136,7 +140,10 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.w13(x).split(self.intermediate_size, dim=-1)
+        gate_up = self.w13(x)
+        if kernels.usable(x):
+            return self.w2(kernels.silu_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.w2(F.silu(gate) * up)
 
 
@@ -148,8 +155,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args)
 
-    def forward(self, x: Tensor, c: Tensor, s: Tensor, slots: Tensor, bias: Tensor, kv: Tensor) -> Tensor:
-        x = x + self.attention(self.attention_norm(x), c, s, slots, bias, kv)
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], slots: Tensor, bias: Tensor, kv: Tensor) -> Tensor:
+        x = x + self.attention(self.attention_norm(x), rope, slots, bias, kv)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -183,13 +190,11 @@ class Transformer(nn.Module):
         """
         assert self.kv is not None, "call setup_cache() first"
         x = self.tok_embeddings(tokens)
-        c, s = rope_factors(self.rope_cos[positions], self.rope_sin[positions], x.dtype)
-        rep = self.args.n_heads // self.args.n_kv_heads
-        # Additive mask, built once per step, rows repeated to match the folded GQA query layout.
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        rope = (cos, sin) if kernels.usable(x) else rope_factors(cos, sin, x.dtype)
         bias = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
-        bias = bias.repeat(rep, 1)
         for i, layer in enumerate(self.layers):
-            x = layer(x, c, s, slots, bias, self.kv[i])
+            x = layer(x, rope, slots, bias, self.kv[i])
         if not logits:
             return x
         return self.output(self.norm(x))
