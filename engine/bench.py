@@ -140,31 +140,38 @@ def progress(items, desc: str, unit: str):
     return tqdm(items, desc=desc, unit=unit, file=sys.stderr, leave=False, dynamic_ncols=True)
 
 
-def capture_shapes(engine: Engine, shapes: list[StepShape]) -> None:
-    """Capture each step shape's CUDA graph for every visible-length bucket, outside any timing.
+def capture_shapes(engine: Engine, shapes: list[StepShape], spans: list[tuple[int, int]]) -> None:
+    """Capture each shape's CUDA graphs, outside any timing, for every visible-length bucket that a
+    step based at a slot in one of `spans` (first, last base slot) will use.
 
     The steps write junk K/V, so the working cache is marked invalid afterwards.
     """
     runner = engine.runner
     if not runner.use_graphs:
         return
-    ends = sorted({min(runner.capacity, e) for e in range(runner.kv_bucket, runner.capacity + runner.kv_bucket,
-                                                           runner.kv_bucket)})
     for shape in shapes:
-        for end in ends:
-            if end - shape.size >= 0:
-                runner.step(shape, [0] * shape.size, end - shape.size)
+        T = shape.size
+        last = runner.capacity - T
+        ends = {runner.visible_len(b + T) for lo, hi in spans for b in range(max(0, lo), min(hi, last) + 1)}
+        for end in sorted(ends):
+            runner.step(shape, [0] * T, end - T)  # the step's visible length is `end`
     sync(engine.device)
     engine.sessions.invalidate_working_cache()
 
 
-def warm_engine(engine: Engine, cases: list[dict], shapes: list[StepShape]) -> None:
-    """Pay graph captures up front: each case's prefill chunk sizes, and `shapes` at every bucket."""
+def decode_spans(engine: Engine, cases: list[dict], max_tokens: int) -> list[tuple[int, int]]:
+    """(first, last) base slot of the decode steps of each case."""
+    return [(len(ids) - 1, len(ids) + max_tokens) for ids in (prompt_ids(engine, c) for c in cases)]
+
+
+def warm_engine(engine: Engine, cases: list[dict], shapes: list[StepShape], max_tokens: int) -> None:
+    """Pay graph captures up front: each case's prefill chunk sizes, then `shapes` and the AR step
+    at every cache length the cases' decoding will reach."""
     if not engine.runner.use_graphs:
         return
     for case in progress(cases, "warm-up", "case"):
         complete_case(engine, case, "ar", None, max_tokens=1, document="bench-warmup")
-    capture_shapes(engine, [DECODE, *shapes])
+    capture_shapes(engine, [DECODE, *shapes], decode_spans(engine, cases, max_tokens))
 
 
 def complete_case(
@@ -239,7 +246,7 @@ class Reference:
 @dataclass
 class Run:
     tokens: list[int]
-    seconds: float  # median over repeats
+    seconds: float  # wall time; the median when the case was repeated
     steps: int | None = None  # None where the method does not report steps (transformers)
     step_ms: list[float] = field(default_factory=list)
 
@@ -300,7 +307,7 @@ def run_bench(engine: Engine, args: argparse.Namespace) -> dict:
     reference = Reference(engine) if any(m in REFERENCE_METHODS for m in methods) else None
 
     if any(m not in REFERENCE_METHODS for m in methods):
-        warm_engine(engine, cases, [step_shape(cfg)] if "lookahead" in methods else [])
+        warm_engine(engine, cases, [step_shape(cfg)] if "lookahead" in methods else [], args.max_tokens)
     runs: dict[str, list[Run]] = {}
     for method in methods:
         run_case(engine, reference, method, cases[0], cfg, args.max_tokens, 1)  # warm-up
@@ -319,7 +326,7 @@ def run_bench(engine: Engine, args: argparse.Namespace) -> dict:
             speedup.setdefault(m, {})[f"vs_{base}"] = summary[m]["tok_s_aggregate"] / base_rate if base_rate else None
             share, differ = same_share(runs[m], runs[base])
             identical.setdefault(m, {})[f"vs_{base}"] = share
-            if differ and m != base:
+            if differ and m != base and f"{base} vs {m}" not in mismatch:
                 mismatch[f"{m} vs {base}"] = [cases[i]["id"] for i in differ]
 
     per_case = []

@@ -19,13 +19,17 @@ def _pyplot():
     return plt
 
 
+def _short(v: float) -> str:
+    return f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}"
+
+
 def bar_chart(path: str | Path, values: dict[str, float], title: str, ylabel: str) -> Path:
     """One bar per label, its value written on top (tok/s per method)."""
     plt = _pyplot()
     labels = list(values)
     fig, ax = plt.subplots(figsize=(max(4.0, 1.3 * len(labels) + 1), 3.6))
     bars = ax.bar(labels, [values[k] for k in labels], color="#4c72b0")
-    ax.bar_label(bars, fmt="%.1f", padding=2, fontsize=8)
+    ax.bar_label(bars, labels=[_short(values[k]) for k in labels], padding=2, fontsize=8)
     ax.set_title(title, fontsize=10)
     ax.set_ylabel(ylabel)
     ax.margins(y=0.15)
@@ -51,7 +55,8 @@ def heatmaps(
     plt = _pyplot()
     finite = [v for _, _, grid in panels.values() for row in grid for v in row if not math.isnan(v)]
     lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels) + 1, 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels) + 1.2, 3.8), squeeze=False,
+                             layout="constrained")
     image = None
     for ax, (name, (rows, cols, grid)) in zip(axes[0], panels.items(), strict=True):
         image = ax.imshow(grid, cmap="viridis", vmin=lo, vmax=hi, aspect="auto", origin="lower")
@@ -63,7 +68,8 @@ def heatmaps(
         for r, row in enumerate(grid):
             for c, v in enumerate(row):
                 if not math.isnan(v):
-                    ax.text(c, r, f"{v:.3g}", ha="center", va="center", fontsize=7, color="w")
+                    bright = hi > lo and (v - lo) / (hi - lo) > 0.6  # viridis turns yellow at the top
+                    ax.text(c, r, _short(v), ha="center", va="center", fontsize=8, color="k" if bright else "w")
     if image is not None:
         fig.colorbar(image, ax=axes[0].tolist(), label=value_label)
     fig.suptitle(title, fontsize=10)

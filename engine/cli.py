@@ -64,7 +64,7 @@ def cmd_complete(args: argparse.Namespace) -> int:
         decoding=args.decoding, lookahead=cfg, heal_tokens=not args.no_heal,
     )
     if args.json:
-        out = result.to_dict()
+        out = {"completion": result.text, **result.to_dict()}
         del out["step_ms"]
         out["step_ms_mean"] = sum(result.step_ms) / len(result.step_ms) if result.step_ms else 0.0
         print(json.dumps(out))

@@ -148,7 +148,7 @@ class Engine:
             torch.cuda.synchronize(self.device)
         prefill_ms = (time.perf_counter() - started) * 1e3
 
-        state = DecodeState(ids, max_tokens, self.codec.stop_ids, on_step=on_step, cancelled=cancelled)
+        state = DecodeState(list(ids), max_tokens, self.codec.stop_ids, on_step=on_step, cancelled=cancelled)
         heal(self.runner, self.codec, state, prompt.healed)
         if cfg is not None:
             pool = self._pool(session, ids, cfg, persistent_pool)

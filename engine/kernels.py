@@ -147,7 +147,9 @@ def rope_and_cache(qkv: Tensor, cos: Tensor, sin: Tensor, slots: Tensor, kv: Ten
     _, hkv, S, D = kv.shape
     rep = n_heads // hkv
     q = torch.empty(hkv, rep * T, D, dtype=qkv.dtype, device=qkv.device)
-    _rope_cache_kernel[(T, n_heads + 2 * hkv)](qkv, cos, sin, slots, kv, q, T, S, H=n_heads, HKV=hkv, REP=rep, D=D, HALF=D // 2)
+    _rope_cache_kernel[(T, n_heads + 2 * hkv)](
+        qkv, cos, sin, slots, kv, q, T, S, H=n_heads, HKV=hkv, REP=rep, D=D, HALF=D // 2
+    )
     return q
 
 

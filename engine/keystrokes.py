@@ -31,6 +31,7 @@ from .bench import (
 from .engine import Completion, Engine
 from .errors import AheadError
 from .lookahead import LookaheadConfig, step_shape
+from .prompt import build_prompt
 from .runner import DECODE, causal_shape
 
 SYNTH_TOKENS = 4000
@@ -123,6 +124,11 @@ def replay(engine: Engine, args, cfg, text: str, pos: Position, document: str, p
     return cold, strokes
 
 
+def prompt_length(engine: Engine, prefix: str, suffix: str) -> int:
+    """Prompt tokens of a request before it is made (to know which cache lengths it will reach)."""
+    return max(1, len(build_prompt(engine.codec, prefix, suffix, engine.options.budget).ids))
+
+
 def tokens_per_step(strokes: list[Keystroke]) -> float | None:
     steps = sum(s.completion.steps for s in strokes)
     return sum(len(s.completion.tokens) for s in strokes) / steps if steps else None
@@ -156,7 +162,9 @@ def run_keystrokes(engine: Engine, args: argparse.Namespace) -> dict:
     name, text, positions = source_text(engine, args)
 
     shapes = [DECODE, *(causal_shape(n) for n in engine.runner.graph_prefill_sizes)]
-    capture_shapes(engine, shapes + ([step_shape(cfg)] if cfg else []))
+    spans = [(n - 2, n + args.chars + args.max_tokens)
+             for n in (prompt_length(engine, text[: p.offset], text[p.offset + len(p.typed) :]) for p in positions)]
+    capture_shapes(engine, shapes + ([step_shape(cfg)] if cfg else []), spans)
     for pos in positions:  # the cold prefill's chunk sizes, and anything else a first request pays
         replay(engine, args, cfg, text, pos, "keystrokes-warmup", True, chars=1)
 
@@ -190,6 +198,7 @@ def run_keystrokes(engine: Engine, args: argparse.Namespace) -> dict:
                 "identical": same[len(per_request)] if same else None,
             })
     colds = [cold for cold, _ in pooled]
+    cold_tokens = [c.prompt_tokens for c in colds]
     cold_ms = percentile([c.prefill_ms for c in colds], 50)
     warm_ms = percentile([r["prefill_ms"] for r in per_request], 50)
     return {
@@ -202,11 +211,10 @@ def run_keystrokes(engine: Engine, args: argparse.Namespace) -> dict:
         "lookahead": str(cfg) if cfg else None,
         "max_tokens": args.max_tokens,
         "positions": [
-            {"line": p.line, "col": p.col, "typed": p.typed, "cold_prompt_tokens": c.prompt_tokens,
-             "cold_prefill_ms": c.prefill_ms}
-            for p, c in zip(positions, colds, strict=True)
+            {"line": p.line, "col": p.col, "typed": p.typed, "cold_prompt_tokens": n, "cold_prefill_ms": c.prefill_ms}
+            for p, c, n in zip(positions, colds, cold_tokens, strict=True)
         ],
-        "cold_prompt_tokens": percentile([c.prompt_tokens for c in colds], 50),
+        "cold_prompt_tokens": percentile(cold_tokens, 50),
         "cold_prefill_ms": cold_ms,
         "warm_prefill_ms_p50": warm_ms,
         "prefill_tokens_p50": percentile([r["prefill_tokens"] for r in per_request], 50),

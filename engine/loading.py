@@ -8,6 +8,7 @@ reference implementation in tests and benchmarks; `build_model` fuses them for o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -172,8 +173,9 @@ def gguf_tokenizer_and_config(path: Path, log: Log):
     """Config and tokenizer from transformers' GGUF readers, cached: converting Qwen's takes ~30 s."""
     from transformers import AutoConfig, AutoTokenizer
 
-    stat = path.stat()
-    key = f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    with open(path, "rb") as f:  # identify the file by size and head, not by mtime: copies hit too
+        head = hashlib.sha256(f.read(1 << 22)).hexdigest()[:16]
+    key = f"{path.stem}-{path.stat().st_size}-{head}"
     cached = cache_dir() / "gguf-meta" / key
     if (cached / "config.json").is_file():
         try:

@@ -8,10 +8,9 @@ every keystroke: it jumps forward in coarse steps only when the budget overflows
 
 from __future__ import annotations
 
-import bisect
 from dataclasses import dataclass
 
-from .tokens import Codec
+from .tokens import Codec, split_pieces
 
 
 @dataclass(frozen=True)
@@ -29,44 +28,42 @@ class Prompt:
     fim: bool
 
 
-def line_starts(text: str) -> list[int]:
-    starts = [0]
-    pos = text.find("\n")
-    while pos != -1:
-        starts.append(pos + 1)
-        pos = text.find("\n", pos + 1)
-    return starts
-
-
 def prefix_window(codec: Codec, prefix: str, budget: PromptBudget) -> tuple[int, list[int]]:
-    """(start offset, token ids) of the stable window of `prefix` that fits the budget."""
-    ids, offsets = codec.encode_with_offsets(prefix)
-    if len(ids) <= budget.prefix_tokens:
-        return 0, ids
-    token_starts = [o[0] for o in offsets]
-    starts = line_starts(prefix)
-    for line in range(0, len(starts), budget.window_lines):
-        start = starts[line]
-        if len(ids) - bisect.bisect_left(token_starts, start) <= budget.prefix_tokens:
-            window = codec.encode(prefix[start:])
-            if len(window) <= budget.prefix_tokens:
-                return start, window
+    """(start offset, token ids) of the stable window of `prefix` that fits the budget.
+
+    Works on line pieces (tokens.split_pieces) whose encodings the codec caches, so a keystroke
+    costs one line's tokenization. The start is the first piece at or after a line that is a
+    multiple of `window_lines`, the earliest such that the rest fits.
+    """
+    pieces = split_pieces(prefix)
+    encoded = codec.encode_pieces(pieces)
+    total = sum(len(e) for e in encoded)
+    if total <= budget.prefix_tokens:
+        return 0, [i for e in encoded for i in e]
+    remaining, offset, line, mark = total, 0, 0, 0
+    for index, (piece, ids) in enumerate(zip(pieces, encoded, strict=True)):
+        if line >= mark:  # the first piece at or after the next grid line: a candidate start
+            if remaining <= budget.prefix_tokens:
+                return offset, [i for e in encoded[index:] for i in e]
+            mark = (line // budget.window_lines + 1) * budget.window_lines
+        remaining -= len(ids)
+        offset += len(piece)
+        line += piece.count("\n")
     # The cursor's own block of lines is over budget (very long lines): cut by tokens.
-    first = len(ids) - budget.prefix_tokens
-    start = token_starts[first]
-    return start, codec.encode(prefix[start:])[-budget.prefix_tokens :]
+    tail = [i for e in encoded for i in e][-budget.prefix_tokens :]
+    return len(prefix) - len(codec.decode(tail)), tail
 
 
 def suffix_window(codec: Codec, suffix: str, budget: PromptBudget) -> list[int]:
     """Whole lines of the suffix, as many as fit the budget."""
     if budget.suffix_tokens <= 0 or not suffix:
         return []
-    ids, offsets = codec.encode_with_offsets(suffix)
-    if len(ids) <= budget.suffix_tokens:
-        return ids
-    limit = offsets[budget.suffix_tokens][0]
-    cut = suffix.rfind("\n", 0, limit) + 1
-    return codec.encode(suffix[:cut]) if cut > 0 else ids[: budget.suffix_tokens]
+    ids: list[int] = []
+    for piece in codec.encode_pieces(split_pieces(suffix)):
+        if len(ids) + len(piece) > budget.suffix_tokens:
+            return ids or piece[: budget.suffix_tokens]
+        ids.extend(piece)
+    return ids
 
 
 def build_prompt(

@@ -94,10 +94,13 @@ class Runner:
         return out.argmax(-1), out
 
     # -- running ------------------------------------------------------------------------------
-    def step(self, shape: StepShape, tokens: list[int] | Tensor, base: int) -> tuple[Tensor, Tensor | None]:
+    def step(
+        self, shape: StepShape, tokens: list[int] | Tensor, base: int, graph: bool = True
+    ) -> tuple[Tensor, Tensor | None]:
         """Run one step with its first token at slot `base`; returns (argmax [T], logits [T, V]).
 
         The returned tensors belong to the runner and are overwritten by the next step.
+        `graph=False` runs eagerly: for one-off shapes, where a capture would cost more than it saves.
         """
         T = shape.size
         if base + T > self.capacity:
@@ -105,7 +108,7 @@ class Runner:
         if not isinstance(tokens, Tensor):
             tokens = torch.tensor(tokens, dtype=torch.long)
         visible = self.visible_len(base + T)
-        if not self.use_graphs:
+        if not (self.use_graphs and graph):
             with torch.no_grad():
                 return self._forward(shape, tokens.to(self.device), torch.tensor(base, device=self.device), visible)
         key = (shape.name, visible)
@@ -147,8 +150,8 @@ class Runner:
                 # nothing sees and the next step overwrites.
                 chunk = tokens[pos : pos + n] + [0] * (bucket - n)
                 self.step(causal_shape(bucket), chunk, start + pos)
-            else:
-                self.step(causal_shape(n), tokens[pos : pos + n], start + pos)
+            else:  # long chunks are compute-bound: launch overhead is noise, a capture is not
+                self.step(causal_shape(n), tokens[pos : pos + n], start + pos, graph=False)
             pos += n
 
     # -- cache bookkeeping --------------------------------------------------------------------

@@ -9,6 +9,7 @@ prompts right on tokenizer builds that do not parse them (transformers 5.17's GG
 from __future__ import annotations
 
 import json
+import re
 from functools import cached_property
 
 from tokenizers import Tokenizer
@@ -16,6 +17,16 @@ from tokenizers import Tokenizer
 FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE = "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"
 STOP_NAMES = ("<|endoftext|>", "<|im_end|>", "<|fim_pad|>", "<|file_sep|>", "<|repo_name|>",
               FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE, "</s>", "<|end_of_text|>", "<|eot_id|>")
+
+
+# Split after a newline that starts a new line of text: a pre-token boundary for Qwen2's
+# tokenizer regex, so encoding pieces separately gives the same ids as encoding the whole.
+PIECE_BOUNDARY = re.compile(r"(?<=\n)(?=[^\r\n])")
+PIECE_CACHE_LIMIT = 200_000
+
+
+def split_pieces(text: str) -> list[str]:
+    return PIECE_BOUNDARY.split(text) if text else []
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -38,9 +49,14 @@ class Codec:
         self.backend.encode_special_tokens = True
         self.vocab: dict[str, int] = self.backend.get_vocab(with_added_tokens=True)
         self.vocab_size = max(self.vocab.values()) + 1
-        stops = {self.vocab[name] for name in STOP_NAMES if name in self.vocab}
+        # "</s>" can be a plain BPE token (it is in Qwen's vocabulary): only control tokens stop.
+        added = set(self.backend.get_added_tokens_decoder())
+        stops = {
+            self.vocab[n] for n in STOP_NAMES if n in self.vocab and (self.vocab[n] in added or n.startswith("<|"))
+        }
         stops.update(i for i in (eos_ids or []) if i is not None)
         self.stop_ids = frozenset(stops)
+        self._pieces: dict[str, list[int]] = {}
 
     def token_id(self, text: str) -> int | None:
         return self.vocab.get(text)
@@ -52,6 +68,17 @@ class Codec:
 
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids if text else []
+
+    def encode_pieces(self, pieces: list[str]) -> list[list[int]]:
+        """Token ids per piece (see split_pieces), cached: a keystroke re-encodes one line, not the file."""
+        cache = self._pieces
+        missing = [p for p in dict.fromkeys(pieces) if p not in cache]
+        if missing:
+            if len(cache) + len(missing) > PIECE_CACHE_LIMIT:
+                cache.clear()
+            for piece, enc in zip(missing, self.backend.encode_batch(missing, add_special_tokens=False), strict=True):
+                cache[piece] = enc.ids
+        return [cache[p] for p in pieces]
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         if not text:
@@ -86,8 +113,9 @@ class Codec:
         return index
 
     def to_bytes(self, ids: list[int]) -> bytes:
+        # Ids past the tokenizer's vocabulary (padded embedding rows, as in Qwen2.5) have no text.
         table = self.token_bytes
-        return b"".join(table[i] for i in ids)
+        return b"".join(table[i] if i < len(table) else b"" for i in ids)
 
     def decode(self, ids: list[int]) -> str:
         return self.to_bytes(ids).decode("utf-8", errors="replace")

@@ -27,6 +27,7 @@ from .bench import (
     capture_shapes,
     cases_path,
     complete_case,
+    decode_spans,
     engine_from_args,
     format_table,
     load_cases,
@@ -112,11 +113,12 @@ def run_tune(engine: Engine, args: argparse.Namespace) -> dict:
     """Sweep the grid on the cases; results sorted fastest first. Stores nothing (see `store_best`)."""
     configs = grid_configs(args)
     cases = load_cases(cases_path(args.cases), args.limit)
-    warm_engine(engine, cases, [])
+    warm_engine(engine, cases, [], args.max_tokens)
     ar = decode_cases(engine, cases, None, args.max_tokens)
+    spans = decode_spans(engine, cases, args.max_tokens)
     results = []
     for cfg in progress(configs, "tune", "config"):
-        capture_shapes(engine, [step_shape(cfg)])
+        capture_shapes(engine, [step_shape(cfg)], spans)
         got = decode_cases(engine, cases, cfg, args.max_tokens)
         same = sum(a == b for a, b in zip(got["outputs"], ar["outputs"], strict=True)) / len(cases)
         results.append({
@@ -193,6 +195,10 @@ def real_tokenizer(spec: str | None):
     path = Path(spec).expanduser() if spec not in (None, "", "default") else default_model_path()
     if path.is_file() and path.suffix == ".gguf":
         return gguf_tokenizer_and_config(path, stderr_log)
+    if (path / "tokenizer.json").is_file() and (path / "config.json").is_file() and not any(path.glob("*.safetensors")):
+        from transformers import AutoConfig, AutoTokenizer  # a tokenizer-only directory is enough here
+
+        return AutoConfig.from_pretrained(path), AutoTokenizer.from_pretrained(path)
     ckpt = load_checkpoint(spec)
     return ckpt.config, ckpt.tokenizer
 
@@ -312,7 +318,9 @@ def chart(path: str, result: dict) -> Path:
         value = {(r["window"], r["ngram"]): r[key] for r in rows if r["verify"] == g}
         grid = [[math.nan if value.get((w, n)) is None else value[w, n] for n in ngrams] for w in windows]
         panels[f"G = {g}"] = ([str(w) for w in windows], [str(n) for n in ngrams], grid)
-    return heatmaps(path, panels, title, key.replace("_", " "), row_name="W (window)", col_name="N (n-gram)")
+    label = {"tok_s": "tokens/s", "projected_speedup": "projected speedup over AR",
+             "ar_over_step": "AR step time / lookahead step time"}[key]
+    return heatmaps(path, panels, title, label, row_name="W (window)", col_name="N (n-gram)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -345,7 +353,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grid", help='explicit configs "W,N,G;W,N,G;..." (instead of the product)')
     parser.add_argument("--no-store", action="store_true", help="do not make the best config the default")
     parser.add_argument("--chart", default="tune.png", help="PNG heatmaps ('' for none)")
-    parser.add_argument("--shape", help=f"time steps of random weights of this shape ({', '.join(SHAPES)}); "
+    parser.add_argument("--shape", choices=list(SHAPES), help="time steps of random weights of this shape; "
                         "--model then only provides the tokenizer")
     parser.add_argument("--context", type=int, default=1024, help="--shape: tokens in the cache while timing")
     parser.add_argument("--replays", type=int, default=50, help="--shape: timed replays per step (median)")

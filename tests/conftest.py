@@ -80,3 +80,45 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     corpus = ["def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1)\n"]
     tok.train_from_iterator(corpus, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+# -- shared engines for the decoding, session, healing and CLI tests ------------------------------
+BENCH_CASES = Path(__file__).resolve().parents[2] / "shared" / "bench" / "cases.jsonl"
+
+
+@pytest.fixture(scope="session")
+def smollm2_engine(smollm2_gguf: Path):
+    """One real SmolLM2 engine (fp32 CPU, small prompt budget) per session: loading takes seconds.
+
+    Tests that share it use their own document ids, so their sessions never interfere.
+    """
+    from engine.engine import Engine, EngineOptions
+    from engine.prompt import PromptBudget
+
+    budget = PromptBudget(prefix_tokens=384, suffix_tokens=64)
+    options = EngineOptions(model=str(smollm2_gguf), device="cpu", dtype="fp32", max_seq_len=2048, budget=budget)
+    return Engine(options, log=lambda _: None)
+
+
+@pytest.fixture(scope="session")
+def bench_cases() -> list[dict]:
+    """The benchmark's completion cases: real code with a cursor (id, prefix, suffix, reference)."""
+    import json
+
+    return [json.loads(line) for line in BENCH_CASES.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture
+def tiny_engine(tiny_config, tiny_model, tiny_tokenizer):
+    """Factory: tiny_engine("qwen2" | "llama", **engine_options) -> an Engine on a tiny random model (fast)."""
+    import dataclasses
+
+    from engine.engine import Engine, EngineOptions
+
+    def make(arch: str, **options):
+        _, ckpt = tiny_model(tiny_config(arch))
+        ckpt = dataclasses.replace(ckpt, tokenizer=tiny_tokenizer)
+        opts = EngineOptions(device="cpu", dtype="fp32", max_seq_len=512, **options)
+        return Engine(opts, log=lambda _: None, checkpoint=ckpt)
+
+    return make

@@ -127,7 +127,6 @@ def test_keystrokes_reuse_the_document_kv(engine, tmp_path):
     assert result["positions"][0]["typed"] == body.splitlines()[line][-3:]
     cold = result["cold_prompt_tokens"]
     assert cold > 100  # the prompt window starts on a 32-line boundary, so not the whole file
-    print(result["per_request"])
     assert all(r["prefill_tokens"] <= cold / 20 and r["reused_tokens"] > 0 for r in result["per_request"])
     for key in ("cold_prefill_ms", "warm_prefill_ms_p50", "prefill_tokens_p50", "ttft_ms_p50", "latency_ms_p50",
                 "latency_ms_p95", "cold_warm_prefill_ratio", "tokens_per_step_persistent_pool",
