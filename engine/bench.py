@@ -223,16 +223,19 @@ class Reference:
     def generate(self, ids: list[int], max_new: int, lookup: int | None = None) -> list[int]:
         from transformers import GenerationConfig
 
+        # A FIM prompt ends in <|fim_middle|>, one of our stop ids. transformers 5.17's assisted
+        # decoding (prompt lookup) checks the stop criteria on the prompt's last token and returns
+        # at once, so leave that id out here and cut at the first stop id afterwards instead.
+        eos = sorted(self.stop_ids - {ids[-1]}) or None
         config = GenerationConfig(
-            max_new_tokens=max_new, do_sample=False, eos_token_id=sorted(self.stop_ids), pad_token_id=self.pad_id,
+            max_new_tokens=max_new, do_sample=False, eos_token_id=eos, pad_token_id=self.pad_id,
             prompt_lookup_num_tokens=lookup,
         )
         x = torch.tensor([ids], device=self.device)
         out = self.model.generate(x, attention_mask=torch.ones_like(x), generation_config=config)
         new = out[0, len(ids) :].tolist()
-        if new and new[-1] in self.stop_ids:
-            new = new[:-1]
-        return new
+        stop = next((i for i, t in enumerate(new) if t in self.stop_ids), len(new))
+        return new[:stop]
 
     def timed(self, ids: list[int], max_new: int, lookup: int | None) -> tuple[list[int], float]:
         sync(self.device)

@@ -44,7 +44,8 @@ class LookaheadConfig:
         return 1 + (self.window + self.verify) * (self.ngram - 1)
 
     def __str__(self) -> str:
-        return f"{self.window},{self.ngram},{self.verify}"
+        text = f"{self.window},{self.ngram},{self.verify}"
+        return text if self.key == 2 else f"{text},{self.key}"
 
 
 @lru_cache(maxsize=64)

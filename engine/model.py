@@ -97,6 +97,25 @@ def apply_rope(x: Tensor, c: Tensor, s: Tensor) -> Tensor:
     return torch.addcmul(x * c, x.roll(x.shape[-1] // 2, dims=-1), s)
 
 
+BLOCK_ATTENTION_MIN_TOKENS = 64  # from here on (prefill chunks) a tensor-core attention kernel wins
+
+
+def block_attention(q: Tensor, kv: Tensor, bias: Tensor, n_heads: int) -> Tensor:
+    """Attention for many query tokens through torch's fused SDPA kernels (prefill chunks).
+
+    q: [H_kv, rep*T, D] as `kernels.rope_and_cache` folds it; kv: [2, H_kv, S, D]; bias: [T, L].
+    Returns [T, H*D]. K/V are expanded to all query heads: SDPA's masked kernels want equal heads.
+    """
+    hkv, _, D = q.shape
+    T, L = bias.shape
+    rep = n_heads // hkv
+    q = q.view(1, n_heads, T, D)  # folded rows (kv head, r, t) are query head kv*rep + r
+    k = kv[0, :, :L].repeat_interleave(rep, dim=0).unsqueeze(0)
+    v = kv[1, :, :L].repeat_interleave(rep, dim=0).unsqueeze(0)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.view(1, 1, T, L))
+    return out[0].transpose(0, 1).reshape(T, n_heads * D)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -112,6 +131,8 @@ class Attention(nn.Module):
         qkv = self.wqkv(x)
         if kernels.usable(x):
             q = kernels.rope_and_cache(qkv, *rope, slots, kv, H)
+            if T >= BLOCK_ATTENTION_MIN_TOKENS:
+                return self.wo(block_attention(q, kv, bias, H))
             return self.wo(kernels.attention(q, kv, bias, H))
         c, s = rope
         qk = apply_rope(qkv[:, : (H + Hkv) * D].view(T, H + Hkv, D), c, s)  # q and k rotated together

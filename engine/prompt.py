@@ -8,9 +8,12 @@ every keystroke: it jumps forward in coarse steps only when the budget overflows
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
-from .tokens import Codec, split_pieces
+from .tokens import Codec
+
+LINE_START = re.compile(r"(?<=\n)")
 
 
 @dataclass(frozen=True)
@@ -31,27 +34,26 @@ class Prompt:
 def prefix_window(codec: Codec, prefix: str, budget: PromptBudget) -> tuple[int, list[int]]:
     """(start offset, token ids) of the stable window of `prefix` that fits the budget.
 
-    Works on line pieces (tokens.split_pieces) whose encodings the codec caches, so a keystroke
-    costs one line's tokenization. The start is the first piece at or after a line that is a
-    multiple of `window_lines`, the earliest such that the rest fits.
+    The start is the earliest line that is a multiple of `window_lines` such that the rest fits,
+    sized from per-line encodings that the codec caches (a keystroke re-encodes one line). The
+    window itself is then encoded as one text, through the codec's safe pieces, so its ids are
+    exactly the tokenizer's for that text whatever the tokenizer does at line breaks.
     """
-    pieces = split_pieces(prefix)
-    encoded = codec.encode_pieces(pieces)
-    total = sum(len(e) for e in encoded)
-    if total <= budget.prefix_tokens:
-        return 0, [i for e in encoded for i in e]
-    remaining, offset, line, mark = total, 0, 0, 0
-    for index, (piece, ids) in enumerate(zip(pieces, encoded, strict=True)):
-        if line >= mark:  # the first piece at or after the next grid line: a candidate start
-            if remaining <= budget.prefix_tokens:
-                return offset, [i for e in encoded[index:] for i in e]
-            mark = (line // budget.window_lines + 1) * budget.window_lines
-        remaining -= len(ids)
-        offset += len(piece)
-        line += piece.count("\n")
+    lines = LINE_START.split(prefix)
+    counts = [len(ids) for ids in codec.encode_pieces(lines)]
+    remaining, offset = sum(counts), 0
+    for line, (text, count) in enumerate(zip(lines, counts, strict=True)):
+        if line % budget.window_lines == 0 and remaining <= budget.prefix_tokens:
+            return offset, encode(codec, prefix[offset:])
+        remaining -= count
+        offset += len(text)
     # The cursor's own block of lines is over budget (very long lines): cut by tokens.
-    tail = [i for e in encoded for i in e][-budget.prefix_tokens :]
+    tail = encode(codec, prefix)[-budget.prefix_tokens :] if budget.prefix_tokens > 0 else []
     return len(prefix) - len(codec.decode(tail)), tail
+
+
+def encode(codec: Codec, text: str) -> list[int]:
+    return [i for ids in codec.encode_pieces(codec.split_pieces(text)) for i in ids]
 
 
 def suffix_window(codec: Codec, suffix: str, budget: PromptBudget) -> list[int]:
@@ -59,7 +61,7 @@ def suffix_window(codec: Codec, suffix: str, budget: PromptBudget) -> list[int]:
     if budget.suffix_tokens <= 0 or not suffix:
         return []
     ids: list[int] = []
-    for piece in codec.encode_pieces(split_pieces(suffix)):
+    for piece in codec.encode_pieces(codec.split_pieces(suffix)):
         if len(ids) + len(piece) > budget.suffix_tokens:
             return ids or piece[: budget.suffix_tokens]
         ids.extend(piece)

@@ -56,7 +56,9 @@ class Runner:
     use_graphs: bool = True
     kv_bucket: int = 256  # visible cache length is rounded up to this: attention cost follows it
     prefill_chunk: int = 512
-    graph_prefill_sizes: tuple[int, ...] = (8, 32, 128)  # short prefills (keystrokes) run as graphs
+    # Prefill chunks run as graphs padded to one of these sizes: eager, a chunk's ~400 kernel
+    # launches cost more than a 512-token chunk's compute on a 1.5B model.
+    graph_prefill_sizes: tuple[int, ...] = (8, 32, 128, 256, 512)
     graphs: dict[tuple[str, int], Captured] = field(default_factory=dict)
     _pool: object = None
     _device_shapes: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
@@ -150,7 +152,7 @@ class Runner:
                 # nothing sees and the next step overwrites.
                 chunk = tokens[pos : pos + n] + [0] * (bucket - n)
                 self.step(causal_shape(bucket), chunk, start + pos)
-            else:  # long chunks are compute-bound: launch overhead is noise, a capture is not
+            else:  # past the end of the cache, or no graphs (CPU)
                 self.step(causal_shape(n), tokens[pos : pos + n], start + pos, graph=False)
             pos += n
 

@@ -8,10 +8,12 @@ prompts right on tokenizer builds that do not parse them (transformers 5.17's GG
 
 from __future__ import annotations
 
+import bisect
 import json
 import re
 from functools import cached_property
 
+import numpy as np
 from tokenizers import Tokenizer
 
 FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE = "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"
@@ -19,14 +21,14 @@ STOP_NAMES = ("<|endoftext|>", "<|im_end|>", "<|fim_pad|>", "<|file_sep|>", "<|r
               FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE, "</s>", "<|end_of_text|>", "<|eot_id|>")
 
 
-# Split after a newline that starts a new line of text: a pre-token boundary for Qwen2's
-# tokenizer regex, so encoding pieces separately gives the same ids as encoding the whole.
-PIECE_BOUNDARY = re.compile(r"(?<=\n)(?=[^\r\n])")
+# Where a file may be cut into pieces that encode separately to the same ids as the whole: a
+# pre-token boundary of the tokenizer's regex. Qwen2's regex ends a pre-token at every newline
+# run; GPT-2's (SmolLM2) lets whitespace runs span newlines, so only a single newline between
+# two non-space characters is safe there. The first pattern that passes the probes is used.
+PIECE_BOUNDARIES = (re.compile(r"(?<=\n)(?=[^\r\n])"), re.compile(r"(?<=\S\n)(?=\S)"))
+PIECE_PROBES = ("a\nb", "a\n\nb", "a \nb", "a\n b", "a\n\tb", "a:\n    b", "a\r\nb", "a\n\n  b", "a)\n\n\nb",
+                "# c\n\n\ndef f():\n    return 1\n", "x = 1  \n\n\n    y\n", "}\n}\n\n// x\n")
 PIECE_CACHE_LIMIT = 200_000
-
-
-def split_pieces(text: str) -> list[str]:
-    return PIECE_BOUNDARY.split(text) if text else []
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -69,6 +71,19 @@ class Codec:
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids if text else []
 
+    @cached_property
+    def piece_boundary(self) -> re.Pattern | None:
+        def exact(boundary: re.Pattern, text: str) -> bool:
+            return [i for piece in boundary.split(text) for i in self.encode(piece)] == self.encode(text)
+
+        return next((b for b in PIECE_BOUNDARIES if all(exact(b, probe) for probe in PIECE_PROBES)), None)
+
+    def split_pieces(self, text: str) -> list[str]:
+        """Text cut at safe pre-token boundaries (mostly line starts); one piece if none is safe."""
+        if not text:
+            return []
+        return self.piece_boundary.split(text) if self.piece_boundary else [text]
+
     def encode_pieces(self, pieces: list[str]) -> list[list[int]]:
         """Token ids per piece (see split_pieces), cached: a keystroke re-encodes one line, not the file."""
         cache = self._pieces
@@ -105,12 +120,13 @@ class Codec:
         return table
 
     @cached_property
-    def ids_by_first_byte(self) -> dict[int, list[int]]:
-        index: dict[int, list[int]] = {}
-        for i, b in enumerate(self.token_bytes):
-            if b and i not in self.stop_ids:
-                index.setdefault(b[0], []).append(i)
-        return index
+    def _tokens_by_bytes(self) -> tuple[list[bytes], np.ndarray, dict[bytes, list[int]]]:
+        """Token bytes sorted, with their ids, and a bytes -> ids map: a prefix query is a slice."""
+        pairs = sorted((b, i) for i, b in enumerate(self.token_bytes) if b and i not in self.stop_ids)
+        exact: dict[bytes, list[int]] = {}
+        for b, i in pairs:
+            exact.setdefault(b, []).append(i)
+        return [b for b, _ in pairs], np.array([i for _, i in pairs], dtype=np.int64), exact
 
     def to_bytes(self, ids: list[int]) -> bytes:
         # Ids past the tokenizer's vocabulary (padded embedding rows, as in Qwen2.5) have no text.
@@ -121,7 +137,14 @@ class Codec:
         return self.to_bytes(ids).decode("utf-8", errors="replace")
 
     def healing_candidates(self, removed: bytes) -> list[int]:
-        """Tokens that agree with `removed`: they start with it, or are a prefix of it."""
-        table = self.token_bytes
-        return [i for i in self.ids_by_first_byte.get(removed[0], ())
-                if table[i].startswith(removed) or removed.startswith(table[i])]
+        """Tokens that agree with `removed`: they start with it, or are a prefix of it; sorted.
+
+        A bisection, not a vocabulary scan: healing a space must not cost 60k string compares
+        on every keystroke.
+        """
+        keys, ids, exact = self._tokens_by_bytes
+        lo = bisect.bisect_left(keys, removed)
+        upper = removed.rstrip(b"\xff")
+        hi = bisect.bisect_left(keys, upper[:-1] + bytes([upper[-1] + 1])) if upper else len(keys)
+        shorter = [i for k in range(1, len(removed)) for i in exact.get(removed[:k], ())]
+        return sorted(ids[lo:hi].tolist() + shorter)

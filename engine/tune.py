@@ -123,7 +123,7 @@ def run_tune(engine: Engine, args: argparse.Namespace) -> dict:
         same = sum(a == b for a, b in zip(got["outputs"], ar["outputs"], strict=True)) / len(cases)
         results.append({
             "config": str(cfg), "window": cfg.window, "ngram": cfg.ngram, "verify": cfg.verify,
-            "step_tokens": cfg.step_tokens, "tok_s": got["tok_s"],
+            "key": cfg.key, "step_tokens": cfg.step_tokens, "tok_s": got["tok_s"],
             "speedup_vs_ar": got["tok_s"] / ar["tok_s"] if ar["tok_s"] else None,
             "tokens_per_step": got["tokens_per_step"], "step_ms_mean": got["step_ms_mean"], "identical": same,
         })
@@ -256,7 +256,7 @@ def run_shape(engine: Engine, args: argparse.Namespace) -> dict:
         tps = real_tps.get(str(cfg))
         results.append({
             "config": str(cfg), "window": cfg.window, "ngram": cfg.ngram, "verify": cfg.verify,
-            "step_tokens": cfg.step_tokens, "step_ms": ms, "ar_over_step": ar_ms / ms,
+            "key": cfg.key, "step_tokens": cfg.step_tokens, "step_ms": ms, "ar_over_step": ar_ms / ms,
             "tokens_per_step": tps, "projected_speedup": tps * ar_ms / ms if tps else None,
         })
     engine.sessions.invalidate_working_cache()

@@ -110,15 +110,23 @@ def bench_cases() -> list[dict]:
 
 @pytest.fixture
 def tiny_engine(tiny_config, tiny_model, tiny_tokenizer):
-    """Factory: tiny_engine("qwen2" | "llama", **engine_options) -> an Engine on a tiny random model (fast)."""
+    """Factory: tiny_engine("qwen2" | "llama", config={...}, **engine_options) -> an Engine on a tiny random model.
+
+    The model has more ids than the tokenizer (512 vs ~290), like Qwen2.5's padded vocabulary.
+    Runs single-threaded: ops this small only pay for thread hand-offs, which on a busy CPU
+    turn milliseconds into seconds.
+    """
     import dataclasses
 
     from engine.engine import Engine, EngineOptions
 
-    def make(arch: str, **options):
-        _, ckpt = tiny_model(tiny_config(arch))
+    def make(arch: str, config: dict | None = None, **options):
+        _, ckpt = tiny_model(tiny_config(arch, **(config or {})))
         ckpt = dataclasses.replace(ckpt, tokenizer=tiny_tokenizer)
         opts = EngineOptions(device="cpu", dtype="fp32", max_seq_len=512, **options)
         return Engine(opts, log=lambda _: None, checkpoint=ckpt)
 
-    return make
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield make
+    torch.set_num_threads(threads)

@@ -1,0 +1,84 @@
+"""Token healing: a cursor inside what would be one token must not derail the completion.
+
+Without healing, a prompt ending in "self.fibon" makes the model start a new token after
+"on" (SmolLM2 then writes "_next_value"); healing backs off the last token and constrains
+the first generated ones to re-cover its bytes, so "fibonacci" is completed.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.tokens import Codec
+
+HALF_TYPED = '''class Series:
+    def fibonacci(self, n: int) -> int:
+        """The n-th Fibonacci number."""
+        if n < 2:
+            return n
+        return self.fibonacci(n - 1) + self.fibonacci(n - 2)
+
+    def next_value(self, n: int) -> int:
+        return self.fibon'''
+
+INDENTED = '''def mean(values: list[float]) -> float:
+    """Arithmetic mean of a non-empty list."""
+    total = sum(values)
+    count = len(values)
+    '''
+
+
+def indentation(line: str) -> str:
+    return line[: len(line) - len(line.lstrip(" \t"))]
+
+
+@pytest.mark.slow
+def test_half_typed_identifier_is_continued(smollm2_engine) -> None:
+    """The completion continues "fibon" into "fibonacci" and never repeats what was typed."""
+    kw = dict(max_tokens=8, decoding="ar", reuse_kv=False, type_through=False)
+    healed = smollm2_engine.complete(HALF_TYPED, document="healing-identifier", heal_tokens=True, **kw)
+    plain = smollm2_engine.complete(HALF_TYPED, document="healing-identifier", heal_tokens=False, **kw)
+    assert healed.text.startswith("acci"), healed.text
+    assert not healed.text.startswith(("fib", "on", "self")), healed.text
+    codec = smollm2_engine.codec
+    generated = codec.to_bytes(healed.tokens)
+    assert generated.startswith(codec.token_bytes[codec.encode(HALF_TYPED)[-1]])  # the backed-off token's bytes
+    assert generated.endswith(healed.text.encode())
+    # Healing backs exactly one token off the prompt.
+    assert plain.prompt_tokens == healed.prompt_tokens + 1
+    assert plain.prefill_tokens == healed.prefill_tokens + 1
+    assert not plain.text.startswith("acci")  # what healing fixes: the model cannot see "fibon" as a name
+
+
+@pytest.mark.slow
+def test_trailing_indentation_is_not_doubled(smollm2_engine) -> None:
+    """After "\\n    " the completion carries on at that indentation, without extra spaces or an empty line."""
+    result = smollm2_engine.complete(
+        INDENTED, document="healing-indent", max_tokens=8, decoding="ar", heal_tokens=True, type_through=False
+    )
+    assert result.text and not result.text[0].isspace(), repr(result.text)
+    last_line = INDENTED.rsplit("\n", 1)[1]
+    line_above = INDENTED.rstrip(" ").rsplit("\n", 2)[1]
+    completed_line = (last_line + result.text).split("\n", 1)[0]
+    assert indentation(completed_line) == indentation(line_above) == "    "
+    assert completed_line.strip().startswith("return"), completed_line
+
+
+@pytest.mark.slow
+def test_healing_candidates_agree_with_removed_bytes(smollm2_engine) -> None:
+    """Exactly the tokens that start with the removed bytes or are a prefix of them (no stop tokens)."""
+    codec: Codec = smollm2_engine.codec
+    removed = b"fib"
+    candidates = codec.healing_candidates(removed)
+    table = codec.token_bytes
+    expected = {
+        i
+        for i, b in enumerate(table)
+        if b and i not in codec.stop_ids and (b.startswith(removed) or removed.startswith(b))
+    }
+    assert set(candidates) == expected
+    assert len(candidates) == len(set(candidates))
+    assert {codec.token_id("f"), codec.token_id("fib")} <= set(candidates)
+    assert any(len(table[i]) > len(removed) for i in candidates)  # e.g. "fiber": longer tokens count too
+    assert codec.token_id("fi") in codec.healing_candidates(b"fib")
+    assert codec.token_id("ib") not in candidates

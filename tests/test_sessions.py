@@ -1,0 +1,186 @@
+"""Per-document KV sessions: reusing a document's cached prefix must never change a completion.
+
+Every warm request is compared token for token with a cold one (no reuse, fresh document, no
+persistent pool); the warm one must also have computed far fewer prompt tokens where the
+edit allows it. Most tests run on a tiny random model; one runs the real SmolLM2 weights.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+import pytest
+
+from engine.engine import Completion, Engine
+from engine.lookahead import LookaheadConfig
+from engine.prompt import build_prompt
+
+CODE = (
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n\n\n"
+    "def total(values):\n    s = 0\n    for v in values:\n        s += v\n    return s\n\n\n"
+    "def main():\n    print(fibonacci(10))\n    print(total([1, 2, 3]))\n    "
+)
+SUFFIX = "\n\nif __name__ == '__main__':\n    main()\n"
+CFG = LookaheadConfig(4, 3, 4)
+_cold_ids = itertools.count()
+
+
+def cold(engine: Engine, prefix: str, suffix: str, **kw) -> Completion:
+    """The reference: nothing reused, nothing remembered from earlier requests."""
+    doc = f"cold-{next(_cold_ids)}"
+    out = engine.complete(prefix, suffix, document=doc, reuse_kv=False, persistent_pool=False, **kw)
+    engine.close_document(doc)
+    return out
+
+
+def edits(prefix: str, suffix: str) -> list[tuple[str, str, str]]:
+    """(name, prefix, suffix) after a typical sequence of edits, in order."""
+    middle = prefix.rfind("\n", 0, len(prefix) // 2) + 1  # a line start mid-file: a line inserted there
+    return [
+        ("open", prefix, suffix),
+        ("type", prefix + "p", suffix),
+        ("type", prefix + "pr", suffix),
+        ("type", prefix + "pri", suffix),
+        ("delete", prefix + "p", suffix),
+        ("insert-line", prefix[:middle] + "# helpers\n" + prefix[middle:] + "p", suffix),
+        ("change-suffix", prefix[:middle] + "# helpers\n" + prefix[middle:] + "p", suffix.replace("main()", "run()")),
+    ]
+
+
+def check_edits(engine: Engine, prefix: str, suffix: str, document: str, **kw) -> list[Completion]:
+    warm_results = []
+    for name, p, s in edits(prefix, suffix):
+        warm = engine.complete(p, s, document=document, type_through=False, **kw)
+        ref = cold(engine, p, s, type_through=False, **kw)
+        assert warm.tokens == ref.tokens, name
+        assert warm.text == ref.text, name
+        assert warm.prompt_tokens == ref.prompt_tokens, name
+        assert warm.prefill_tokens + warm.reused_tokens == ref.prefill_tokens == ref.prompt_tokens - 1, name
+        if name == "type":
+            # One more character re-encodes the last token or two: the rest of the prompt is reused.
+            assert warm.prefill_tokens <= 4 < warm.prompt_tokens // 4, (name, warm.prefill_tokens)
+        warm_results.append(warm)
+    return warm_results
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("decoding", ["ar", "lookahead"])
+def test_tiny_edits_reuse_kv_and_match_cold(tiny_engine: Callable[..., Engine], arch: str, decoding: str) -> None:
+    engine = tiny_engine(arch)
+    results = check_edits(engine, CODE, SUFFIX, "doc", max_tokens=16, decoding=decoding, lookahead=CFG)
+    assert sum(r.reused_tokens for r in results[1:]) > 0
+
+
+@pytest.mark.slow
+def test_smollm2_edits_reuse_kv_and_match_cold(smollm2_engine: Engine, bench_cases: list[dict]) -> None:
+    case = bench_cases[0]
+    results = check_edits(smollm2_engine, case["prefix"], case["suffix"], "sessions-edits", max_tokens=8, decoding="ar")
+    assert results[0].reused_tokens == 0 and results[1].reused_tokens > 100
+
+
+def test_tiny_interleaved_documents_match_cold(tiny_engine: Callable[..., Engine]) -> None:
+    """A, B, A, B with edits: each document gets its own K/V back when it becomes active again."""
+    engine = tiny_engine("qwen2")
+    other = CODE.replace("fibonacci", "factorial").replace("total", "product")
+    kw = dict(max_tokens=12, decoding="lookahead", lookahead=CFG, type_through=False)
+    for round_, (doc, text) in enumerate([("A", CODE), ("B", other), ("A", CODE + "x"), ("B", other + "y")] * 2):
+        text = text + "z" * (round_ // 4)
+        warm = engine.complete(text, SUFFIX, document=doc, **kw)
+        assert warm.tokens == cold(engine, text, SUFFIX, **kw).tokens, (round_, doc)
+        if round_ >= 2:
+            assert warm.reused_tokens > warm.prompt_tokens // 2, (round_, doc)  # parked and restored
+
+
+def test_tiny_eviction_under_a_small_budget(tiny_engine: Callable[..., Engine]) -> None:
+    """Room for one parked document: parking another evicts it, and it later starts cold but equal."""
+    engine, reference = tiny_engine("llama"), tiny_engine("llama")
+    kw = dict(max_tokens=12, decoding="ar", type_through=False)
+    docs = {d: CODE.replace("fibonacci", name) for d, name in (("A", "fib"), ("B", "fact"), ("C", "gcd"))}
+    budget = engine.options.budget
+    lengths = [len(build_prompt(engine.codec, t, SUFFIX, budget).ids) + kw["max_tokens"] for t in docs.values()]
+    assert 2 * min(lengths) > max(lengths)
+    engine.sessions.budget_bytes = engine.runner.bytes_per_token * max(lengths)  # one parked document fits
+    for d in ("A", "B", "C"):
+        out = engine.complete(docs[d], SUFFIX, document=d, **kw)  # parks A, then parks B evicting A
+        assert out.tokens == cold(reference, docs[d], SUFFIX, **kw).tokens
+    assert engine.sessions.evictions == 1
+    assert engine.sessions.sessions["A"].parked is None and engine.sessions.sessions["B"].parked is not None
+    again = engine.complete(docs["A"], SUFFIX, document="A", **kw)  # parks C evicting B
+    assert again.reused_tokens == 0 and again.prefill_tokens == again.prompt_tokens - 1
+    assert again.tokens == cold(reference, docs["A"], SUFFIX, **kw).tokens
+    assert engine.sessions.evictions == 2
+    assert engine.sessions.parked_bytes() <= engine.sessions.budget_bytes
+
+
+def test_tiny_zero_budget_never_reuses_but_matches(tiny_engine: Callable[..., Engine]) -> None:
+    engine = tiny_engine("qwen2", kv_budget_mb=0)
+    kw = dict(max_tokens=12, decoding="lookahead", lookahead=CFG, type_through=False)
+    for doc, text in [("A", CODE), ("B", CODE + "q"), ("A", CODE + "r")]:
+        warm = engine.complete(text, SUFFIX, document=doc, **kw)
+        assert warm.tokens == cold(engine, text, SUFFIX, **kw).tokens
+    assert warm.reused_tokens == 0 and warm.prefill_tokens == warm.prompt_tokens - 1
+    assert engine.sessions.parked_bytes() == 0
+
+
+def test_tiny_big_budget_switching_back_reuses(tiny_engine: Callable[..., Engine]) -> None:
+    engine = tiny_engine("llama")
+    kw = dict(max_tokens=12, decoding="ar", type_through=False)
+    engine.complete(CODE, SUFFIX, document="A", **kw)
+    engine.complete(CODE.replace("n", "m"), SUFFIX, document="B", **kw)
+    back = engine.complete(CODE, SUFFIX, document="A", **kw)
+    assert back.reused_tokens == back.prompt_tokens - 1 and back.prefill_tokens == 0
+    assert engine.sessions.evictions == 0
+
+
+def test_tiny_close_document_drops_the_session(tiny_engine: Callable[..., Engine]) -> None:
+    engine = tiny_engine("qwen2")
+    kw = dict(max_tokens=8, decoding="ar")
+    first = engine.complete(CODE, SUFFIX, document="A", **kw)
+    assert "A" in engine.sessions.sessions
+    engine.close_document("A")
+    assert "A" not in engine.sessions.sessions
+    again = engine.complete(CODE, SUFFIX, document="A", **kw)
+    assert again.reused_tokens == 0 and not again.type_through
+    assert again.tokens == first.tokens
+
+
+@pytest.mark.parametrize("decoding", ["ar", "lookahead"])
+def test_tiny_type_through(tiny_engine: Callable[..., Engine], tiny_tokenizer, decoding: str) -> None:
+    """Typing the start of the suggestion serves the rest without running the model."""
+    engine = tiny_engine("qwen2", config={"vocab_size": len(tiny_tokenizer)})  # every id has text
+    prefix = "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n"
+    kw = dict(max_tokens=16, decoding=decoding, lookahead=CFG, heal_tokens=False)
+    first = engine.complete(prefix, SUFFIX, document="A", **kw)
+    assert len(first.text) > 4 and not first.type_through
+    hit = engine.complete(prefix + first.text[:3], SUFFIX, document="A", **kw)
+    assert hit.type_through and hit.steps == 0 and hit.tokens == []
+    assert hit.text == first.text[3:]
+    hit2 = engine.complete(prefix + first.text[:4], SUFFIX, document="A", **kw)  # still relative to `first`
+    assert hit2.type_through and hit2.text == first.text[4:]
+    # A different suffix, a mismatching character, or type_through=False: computed normally.
+    for p, s, tt in [
+        (prefix + first.text[:3], SUFFIX + "#", True),
+        (prefix + first.text[:2] + "\x07", SUFFIX, True),
+        (prefix + first.text[:3], SUFFIX, False),
+    ]:
+        out = engine.complete(p, s, document="A", type_through=tt, **kw)
+        assert not out.type_through and out.steps > 0
+        assert out.tokens == cold(engine, p, s, **kw).tokens
+
+
+@pytest.mark.parametrize("decoding", ["ar", "lookahead"])
+def test_tiny_cancellation(tiny_engine: Callable[..., Engine], decoding: str) -> None:
+    """Cancelled after the first step: few tokens, reason "cancelled"; the next request is still right."""
+    engine = tiny_engine("llama")
+    kw = dict(max_tokens=24, decoding=decoding, lookahead=CFG, type_through=True)
+    steps: list[list[int]] = []
+    out = engine.complete(CODE, SUFFIX, document="A", on_step=steps.append, cancelled=lambda: bool(steps), **kw)
+    assert out.stop_reason == "cancelled"
+    assert out.steps == 1 and len(steps) == 1 and out.tokens == steps[0]
+    assert 1 <= len(out.tokens) < 24
+    full = engine.complete(CODE, SUFFIX, document="A", **kw)
+    assert not full.type_through and full.stop_reason != "cancelled"
+    ref = cold(engine, CODE, SUFFIX, **kw)
+    assert full.tokens == ref.tokens and len(full.tokens) > len(out.tokens)
+    assert full.tokens[: len(out.tokens)] == out.tokens
