@@ -8,12 +8,9 @@ every keystroke: it jumps forward in coarse steps only when the budget overflows
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from .tokens import Codec
-
-LINE_START = re.compile(r"(?<=\n)")
 
 
 @dataclass(frozen=True)
@@ -35,18 +32,27 @@ def prefix_window(codec: Codec, prefix: str, budget: PromptBudget) -> tuple[int,
     """(start offset, token ids) of the stable window of `prefix` that fits the budget.
 
     The start is the earliest line that is a multiple of `window_lines` such that the rest fits,
-    sized from per-line encodings that the codec caches (a keystroke re-encodes one line). The
-    window itself is then encoded as one text, through the codec's safe pieces, so its ids are
-    exactly the tokenizer's for that text whatever the tokenizer does at line breaks.
+    sized from per-line encodings that the codec caches. Lines are read backwards from the cursor
+    and only until the budget is spent, so a keystroke's cost does not grow with the file. The
+    window is then encoded as one text, through the codec's safe pieces, so its ids are exactly the
+    tokenizer's for that text whatever the tokenizer does at line breaks.
     """
-    lines = LINE_START.split(prefix)
-    counts = [len(ids) for ids in codec.encode_pieces(lines)]
-    remaining, offset = sum(counts), 0
-    for line, (text, count) in enumerate(zip(lines, counts, strict=True)):
-        if line % budget.window_lines == 0 and remaining <= budget.prefix_tokens:
-            return offset, encode(codec, prefix[offset:])
-        remaining -= count
-        offset += len(text)
+    starts: list[int] = []  # line starts from the cursor's line backwards, while the rest fits
+    end, total = len(prefix), 0
+    while True:
+        start = prefix.rfind("\n", 0, end - 1) + 1 if end > 0 else 0
+        total += len(codec.piece_ids(prefix[start:end])) if end > start else 0
+        if total > budget.prefix_tokens:
+            break
+        starts.append(start)
+        if start == 0:
+            return 0, encode(codec, prefix)
+        end = start
+    if starts:
+        line = prefix.count("\n", 0, starts[-1])  # the earliest fitting start's line number
+        for k, start in enumerate(reversed(starts)):
+            if (line + k) % budget.window_lines == 0:
+                return start, encode(codec, prefix[start:])
     # The cursor's own block of lines is over budget (very long lines): cut by tokens.
     tail = encode(codec, prefix)[-budget.prefix_tokens :] if budget.prefix_tokens > 0 else []
     return len(prefix) - len(codec.decode(tail)), tail
@@ -61,7 +67,7 @@ def suffix_window(codec: Codec, suffix: str, budget: PromptBudget) -> list[int]:
     if budget.suffix_tokens <= 0 or not suffix:
         return []
     ids: list[int] = []
-    for piece in codec.encode_pieces(codec.split_pieces(suffix)):
+    for piece in map(codec.piece_ids, codec.iter_pieces(suffix)):
         if len(ids) + len(piece) > budget.suffix_tokens:
             return ids or piece[: budget.suffix_tokens]
         ids.extend(piece)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import json
 import re
+from collections.abc import Iterator
 from functools import cached_property
 
 import numpy as np
@@ -83,6 +84,22 @@ class Codec:
         if not text:
             return []
         return self.piece_boundary.split(text) if self.piece_boundary else [text]
+
+    def iter_pieces(self, text: str) -> Iterator[str]:
+        """split_pieces, lazily: a suffix needs its first few lines, not the rest of the file cut up."""
+        start = 0
+        if self.piece_boundary is not None:
+            for match in self.piece_boundary.finditer(text):
+                if match.start() > start:
+                    yield text[start : match.start()]
+                    start = match.start()
+        if start < len(text):
+            yield text[start:]
+
+    def piece_ids(self, piece: str) -> list[int]:
+        """One piece's ids through the cache."""
+        ids = self._pieces.get(piece)
+        return ids if ids is not None else self.encode_pieces([piece])[0]
 
     def encode_pieces(self, pieces: list[str]) -> list[list[int]]:
         """Token ids per piece (see split_pieces), cached: a keystroke re-encodes one line, not the file."""
