@@ -68,16 +68,15 @@ def test_trailing_indentation_is_not_doubled(smollm2_engine) -> None:
 def test_healing_candidates_agree_with_removed_bytes(smollm2_engine) -> None:
     """Exactly the tokens that start with the removed bytes or are a prefix of them (no stop tokens)."""
     codec: Codec = smollm2_engine.codec
+    table = codec.token_bytes
+    for text in (b"fib", b" ", b"    ", b"\n", "é".encode(), b"\xc3", b"a\xff", b"\xff"):  # bisection edge cases too
+        expected = sorted(
+            i for i, b in enumerate(table)
+            if b and i not in codec.stop_ids and (b.startswith(text) or text.startswith(b))
+        )
+        assert codec.healing_candidates(text) == expected, text
     removed = b"fib"
     candidates = codec.healing_candidates(removed)
-    table = codec.token_bytes
-    expected = {
-        i
-        for i, b in enumerate(table)
-        if b and i not in codec.stop_ids and (b.startswith(removed) or removed.startswith(b))
-    }
-    assert set(candidates) == expected
-    assert len(candidates) == len(set(candidates))
     assert {codec.token_id("f"), codec.token_id("fib")} <= set(candidates)
     assert any(len(table[i]) > len(removed) for i in candidates)  # e.g. "fiber": longer tokens count too
     assert codec.token_id("fi") in codec.healing_candidates(b"fib")

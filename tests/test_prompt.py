@@ -181,3 +181,9 @@ def test_suffix_window_small_or_disabled(fim_codec: Codec) -> None:
     assert suffix_window(fim_codec, "return n", PromptBudget(suffix_tokens=60)) == fim_codec.encode("return n")
     assert suffix_window(fim_codec, CODE, PromptBudget(suffix_tokens=0)) == []
     assert suffix_window(fim_codec, "", PromptBudget()) == []
+
+
+def test_lazy_pieces_equal_the_split(fim_codec: Codec) -> None:
+    for text in ("", "x", CODE, "\n\n" + CODE + "\n\n\n", long_source(5) + "tail"):
+        assert list(fim_codec.iter_pieces(text)) == fim_codec.split_pieces(text)
+        assert "".join(fim_codec.split_pieces(text)) == text

@@ -15,6 +15,7 @@ import pytest
 from engine.engine import Completion, Engine
 from engine.lookahead import LookaheadConfig
 from engine.prompt import build_prompt
+from engine.sessions import common_prefix
 
 CODE = (
     "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n\n\n"
@@ -184,3 +185,13 @@ def test_tiny_cancellation(tiny_engine: Callable[..., Engine], decoding: str) ->
     ref = cold(engine, CODE, SUFFIX, **kw)
     assert full.tokens == ref.tokens and len(full.tokens) > len(out.tokens)
     assert full.tokens[: len(out.tokens)] == out.tokens
+
+
+def test_common_prefix_matches_a_plain_scan() -> None:
+    def scan(a: list[int], b: list[int]) -> int:
+        return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+    base = list(range(1000))
+    for a, b in [([], []), (base, []), (base, base), (base, base[:500]), (base, base[:10] + [-1] + base[11:]),
+                 (base, base[:999] + [5]), ([1, 2], [2, 1]), (base[:1], base)]:
+        assert common_prefix(a, b) == scan(a, b) == common_prefix(b, a)
