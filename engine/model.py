@@ -97,7 +97,7 @@ def apply_rope(x: Tensor, c: Tensor, s: Tensor) -> Tensor:
     return torch.addcmul(x * c, x.roll(x.shape[-1] // 2, dims=-1), s)
 
 
-BLOCK_ATTENTION_MIN_TOKENS = 64  # from here on (prefill chunks) a tensor-core attention kernel wins
+BLOCK_ATTENTION_MIN_TOKENS = 64  # from here on (prefill chunks) torch's fused attention kernels win
 
 
 def block_attention(q: Tensor, kv: Tensor, bias: Tensor, n_heads: int) -> Tensor:
@@ -146,6 +146,8 @@ class Attention(nn.Module):
         # KV head into the query-length axis, and repeat the mask rows to match.
         rep = H // Hkv
         q = q.reshape(T, Hkv, rep, D).permute(1, 2, 0, 3).reshape(Hkv, rep * T, D)
+        if T >= BLOCK_ATTENTION_MIN_TOKENS:
+            return self.wo(block_attention(q, kv, bias, H))
         scores = torch.baddbmm(bias.repeat(rep, 1), q, keys.transpose(1, 2), alpha=self.head_dim**-0.5)
         probs = torch.softmax(scores, dim=-1)
         out = torch.bmm(probs, values)  # [H_kv, rep*T, D]

@@ -51,7 +51,7 @@ def decode_logits(runner: Runner, ids: list[int], k: int) -> torch.Tensor:
 
 def check_parity(hf, ckpt, ids: list[int], k: int) -> None:
     ref = reference_logits(hf, ids)
-    runner = runner_for(ckpt)
+    runner = runner_for(ckpt, max(MAX_SEQ, len(ids)))
     assert_close(prefill_logits(runner, ids), ref)
     assert_close(decode_logits(runner, ids, k), ref[k:])
 
@@ -70,6 +70,17 @@ def test_tiny_parity(case, tiny_config, tiny_model):
     hf, ckpt = tiny_model(tiny_config(arch, **overrides))
     ids = torch.randint(0, hf.config.vocab_size, (40,), generator=torch.Generator().manual_seed(1)).tolist()
     check_parity(hf, ckpt, ids, k=7)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_tiny_parity_long_prefill(arch, tiny_config, tiny_model):
+    """Steps of >= 64 tokens take model.block_attention (torch SDPA), shorter ones the plain path."""
+    from engine.model import BLOCK_ATTENTION_MIN_TOKENS
+
+    hf, ckpt = tiny_model(tiny_config(arch))
+    ids = torch.randint(0, hf.config.vocab_size, (200,), generator=torch.Generator().manual_seed(2)).tolist()
+    assert len(ids) >= BLOCK_ATTENTION_MIN_TOKENS
+    check_parity(hf, ckpt, ids, k=150)
 
 
 def test_qkv_bias_is_applied(tiny_config, tiny_model):
