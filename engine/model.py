@@ -97,6 +97,33 @@ def apply_rope(x: Tensor, c: Tensor, s: Tensor) -> Tensor:
     return torch.addcmul(x * c, x.roll(x.shape[-1] // 2, dims=-1), s)
 
 
+def rope_and_cache(qkv: Tensor, c: Tensor, s: Tensor, slots: Tensor, kv: Tensor, n_heads: int) -> Tensor:
+    """Rotate q/k, write k/v at `slots` of this layer's cache [2, H_kv, S, D]; q as [H_kv, rep*T, D].
+
+    Grouped-query attention without copying K/V: the query heads that share a KV head are folded
+    into the query-length axis. `kernels.rope_and_cache` is the same in one CUDA kernel.
+    """
+    T = qkv.shape[0]
+    _, hkv, _, D = kv.shape
+    qk = apply_rope(qkv[:, : (n_heads + hkv) * D].view(T, n_heads + hkv, D), c, s)  # q and k rotated together
+    q, k = qk[:, :n_heads], qk[:, n_heads:]
+    v = qkv[:, (n_heads + hkv) * D :].view(T, hkv, D)
+    kv[0].index_copy_(1, slots, k.transpose(0, 1))
+    kv[1].index_copy_(1, slots, v.transpose(0, 1))
+    rep = n_heads // hkv
+    return q.reshape(T, hkv, rep, D).permute(1, 2, 0, 3).reshape(hkv, rep * T, D)
+
+
+def folded_attention(q: Tensor, kv: Tensor, bias: Tensor, n_heads: int) -> Tensor:
+    """Masked attention of folded queries q [H_kv, rep*T, D] over slots [0, L); returns [T, H*D]."""
+    hkv, _, D = q.shape
+    T, L = bias.shape
+    rep = n_heads // hkv
+    scores = torch.baddbmm(bias.repeat(rep, 1), q, kv[0, :, :L].transpose(1, 2), alpha=D**-0.5)
+    out = torch.bmm(torch.softmax(scores, dim=-1), kv[1, :, :L])  # [H_kv, rep*T, D]
+    return out.view(hkv, rep, T, D).permute(2, 0, 1, 3).reshape(T, n_heads * D)
+
+
 BLOCK_ATTENTION_MIN_TOKENS = 64  # from here on (prefill chunks) torch's fused attention kernels win
 
 
@@ -126,32 +153,14 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], slots: Tensor, bias: Tensor, kv: Tensor) -> Tensor:
         # x: [T, dim]; kv: this layer's cache [2, H_kv, S, D]; bias: [T, L] additive mask over slots [0, L).
-        T = x.shape[0]
-        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        qkv = self.wqkv(x)
-        if kernels.usable(x):
-            q = kernels.rope_and_cache(qkv, *rope, slots, kv, H)
-            if T >= BLOCK_ATTENTION_MIN_TOKENS:
-                return self.wo(block_attention(q, kv, bias, H))
-            return self.wo(kernels.attention(q, kv, bias, H))
-        c, s = rope
-        qk = apply_rope(qkv[:, : (H + Hkv) * D].view(T, H + Hkv, D), c, s)  # q and k rotated together
-        q, k = qk[:, :H], qk[:, H:]
-        v = qkv[:, (H + Hkv) * D :].view(T, Hkv, D)
-        kv[0].index_copy_(1, slots, k.transpose(0, 1))
-        kv[1].index_copy_(1, slots, v.transpose(0, 1))
-        L = bias.shape[-1]
-        keys, values = kv[0, :, :L], kv[1, :, :L]  # [H_kv, L, D]
-        # Grouped-query attention without copying K/V: fold the query heads that share a
-        # KV head into the query-length axis, and repeat the mask rows to match.
-        rep = H // Hkv
-        q = q.reshape(T, Hkv, rep, D).permute(1, 2, 0, 3).reshape(Hkv, rep * T, D)
-        if T >= BLOCK_ATTENTION_MIN_TOKENS:
-            return self.wo(block_attention(q, kv, bias, H))
-        scores = torch.baddbmm(bias.repeat(rep, 1), q, keys.transpose(1, 2), alpha=self.head_dim**-0.5)
-        probs = torch.softmax(scores, dim=-1)
-        out = torch.bmm(probs, values)  # [H_kv, rep*T, D]
-        out = out.view(Hkv, rep, T, D).permute(2, 0, 1, 3).reshape(T, H * D)
+        fused = kernels.usable(x)
+        q = (kernels.rope_and_cache if fused else rope_and_cache)(self.wqkv(x), *rope, slots, kv, self.n_heads)
+        if x.shape[0] >= BLOCK_ATTENTION_MIN_TOKENS:
+            out = block_attention(q, kv, bias, self.n_heads)
+        elif fused:
+            out = kernels.attention(q, kv, bias, self.n_heads)
+        else:
+            out = folded_attention(q, kv, bias, self.n_heads)
         return self.wo(out)
 
 

@@ -80,13 +80,11 @@ class Codec:
         return next((b for b in PIECE_BOUNDARIES if all(exact(b, probe) for probe in PIECE_PROBES)), None)
 
     def split_pieces(self, text: str) -> list[str]:
-        """Text cut at safe pre-token boundaries (mostly line starts); one piece if none is safe."""
-        if not text:
-            return []
-        return self.piece_boundary.split(text) if self.piece_boundary else [text]
+        return list(self.iter_pieces(text))
 
     def iter_pieces(self, text: str) -> Iterator[str]:
-        """split_pieces, lazily: a suffix needs its first few lines, not the rest of the file cut up."""
+        """Text cut at safe pre-token boundaries (mostly line starts), lazily: a suffix needs its
+        first few lines, not the rest of the file cut up. One piece if no boundary is safe."""
         start = 0
         if self.piece_boundary is not None:
             for match in self.piece_boundary.finditer(text):

@@ -183,7 +183,10 @@ def test_suffix_window_small_or_disabled(fim_codec: Codec) -> None:
     assert suffix_window(fim_codec, "", PromptBudget()) == []
 
 
-def test_lazy_pieces_equal_the_split(fim_codec: Codec) -> None:
+def test_pieces_cut_at_line_starts_and_encode_like_the_whole(fim_codec: Codec) -> None:
     for text in ("", "x", CODE, "\n\n" + CODE + "\n\n\n", long_source(5) + "tail"):
-        assert list(fim_codec.iter_pieces(text)) == fim_codec.split_pieces(text)
-        assert "".join(fim_codec.split_pieces(text)) == text
+        pieces = fim_codec.split_pieces(text)
+        assert "".join(pieces) == text and all(pieces)
+        assert all(p.endswith("\n") for p in pieces[:-1])  # Qwen2's regex: every line start is safe
+        assert [i for ids in fim_codec.encode_pieces(pieces) for i in ids] == fim_codec.encode(text)
+    assert len(fim_codec.split_pieces(CODE)) == CODE.count("\n")

@@ -179,11 +179,11 @@ def test_tiny_cancellation(tiny_engine: Callable[..., Engine], decoding: str) ->
     out = engine.complete(CODE, SUFFIX, document="A", on_step=steps.append, cancelled=lambda: bool(steps), **kw)
     assert out.stop_reason == "cancelled"
     assert out.steps == 1 and len(steps) == 1 and out.tokens == steps[0]
-    assert 1 <= len(out.tokens) < 24
     full = engine.complete(CODE, SUFFIX, document="A", **kw)
     assert not full.type_through and full.stop_reason != "cancelled"
     ref = cold(engine, CODE, SUFFIX, **kw)
     assert full.tokens == ref.tokens and len(full.tokens) > len(out.tokens)
+    assert out.tokens == ref.tokens[: len(out.tokens)]  # what was committed before the cancel is right
     assert full.tokens[: len(out.tokens)] == out.tokens
 
 
