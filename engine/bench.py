@@ -25,7 +25,9 @@ from .engine import Completion, Engine, EngineOptions
 from .errors import AheadError
 from .lookahead import LookaheadConfig, step_shape
 from .prompt import PromptBudget, build_prompt
+from .request import CompletionRequest, Switches
 from .runner import DECODE, StepShape
+from .stops import StopRules
 
 DEFAULT_CASES = Path("../shared/bench/cases.jsonl")
 METHODS = ("generate", "prompt_lookup", "ar", "lookahead")
@@ -181,10 +183,9 @@ def complete_case(
     document = document or f"bench-{case['id']}"
     sync(engine.device)
     started = time.perf_counter()
-    completion = engine.complete(
-        case["prefix"], case["suffix"], document=document, max_tokens=max_tokens, decoding=decoding,
-        lookahead=cfg, heal_tokens=False, reuse_kv=False, type_through=False,
-    )
+    request = CompletionRequest(case["prefix"], case["suffix"], document=document, max_tokens=max_tokens,
+                                decoding=decoding, lookahead=cfg, heal=False, stop=StopRules.raw())
+    completion = engine.complete(request, switches=Switches(reuse_kv=False, type_through=False))
     seconds = time.perf_counter() - started
     engine.close_document(document)  # the next run starts with a fresh n-gram pool, nothing parked
     return completion, seconds

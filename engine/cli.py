@@ -49,6 +49,8 @@ def split_at(text: str, line: int, col: int) -> tuple[str, str]:
 
 def cmd_complete(args: argparse.Namespace) -> int:
     from .lookahead import LookaheadConfig
+    from .request import CompletionRequest
+    from .stops import StopRules
 
     text = read_source(args.path)
     prefix, suffix = split_at(text, args.line, args.col)
@@ -59,10 +61,12 @@ def cmd_complete(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise AheadError(str(exc)) from None
     engine = engine_from_args(args)
-    result = engine.complete(
+    request = CompletionRequest(
         prefix, suffix, document=str(Path(args.path).resolve()), max_tokens=args.max_tokens,
-        decoding=args.decoding, lookahead=cfg, heal_tokens=not args.no_heal,
+        decoding=args.decoding, lookahead=cfg, heal=not args.no_heal,
+        stop=StopRules.raw() if args.no_stop_rules else StopRules(max_lines=args.max_lines),
     )
+    result = engine.complete(request)
     if args.json:
         out = {"completion": result.text, **result.to_dict()}
         del out["step_ms"]
@@ -91,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoding", choices=["ar", "lookahead"], default="lookahead")
     p.add_argument("--lookahead", default=None, metavar="W,N,G", help="default: tuned for this model and GPU")
     p.add_argument("--no-heal", action="store_true", help="turn token healing at the cursor off")
+    p.add_argument("--no-stop-rules", action="store_true",
+                   help="raw output: stop only at the model's stop token or --max-tokens")
+    p.add_argument("--max-lines", type=int, default=0, help="stop after this many lines (default: no cap)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_engine_flags(p)
     p.set_defaults(func=cmd_complete)

@@ -17,7 +17,9 @@ import torch
 from .runner import DECODE, Runner
 from .tokens import Codec
 
-OnStep = Callable[[list[int]], None]  # newly committed tokens, after each step
+# Called after each step with every token committed so far; returns a stop reason to end
+# decoding there (a stop rule fired), or None to go on.
+OnCommit = Callable[[list[int]], str | None]
 Cancelled = Callable[[], bool]  # polled between steps
 
 
@@ -26,14 +28,14 @@ class DecodeState:
     seq: list[int]
     max_new: int
     stop_ids: frozenset[int]
-    on_step: OnStep | None = None
+    on_commit: OnCommit | None = None
     cancelled: Cancelled | None = None
     new: list[int] = field(default_factory=list)
     steps: int = 0
     accepted: list[int] = field(default_factory=list)  # tokens committed per step
     step_ms: list[float] = field(default_factory=list)
     pool_hits: int = 0  # lookahead steps that accepted at least one guessed token
-    stop_reason: str | None = None  # "stop", "length", "cancelled"
+    stop_reason: str | None = None  # "stop" (a stop token), "length", "cancelled", or a stop rule's name
 
     def done(self) -> bool:
         if self.stop_reason is None and self.cancelled is not None and self.cancelled():
@@ -57,8 +59,8 @@ class DecodeState:
         self.steps += 1
         self.accepted.append(len(kept))
         self.step_ms.append((time.perf_counter() - started) * 1e3)
-        if self.on_step is not None and kept:
-            self.on_step(kept)
+        if self.on_commit is not None and kept and self.stop_reason is None:
+            self.stop_reason = self.on_commit(self.new)
         return len(kept)
 
 

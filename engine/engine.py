@@ -1,26 +1,35 @@
-"""The engine's public API: load a model once, then `complete(prefix, suffix)` many times.
+"""The engine's public API: load a model once, then `complete(CompletionRequest)` many times.
 
-Everything per document (KV prefix, lookahead n-gram pool, last completion) lives here, so
-the language server only sends text and cursor context. Requests are cancellable between
-decoding steps through the `cancelled` callback.
+Per-document state (KV prefix, lookahead n-gram pool, last suggestion) lives in its session,
+so callers only send text and cursor context. A request ends where its stop rules say, is
+cancellable before prefill, between prefill chunks and between decoding steps, and streams
+the text no rule can take back any more. The engine has one KV cache and must be driven from
+one thread (`worker.EngineWorker`); a second thread gets `EngineBusy`, never mixed-up output.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .decoding import Cancelled, DecodeState, OnStep, decode_ar, heal
-from .errors import AheadError
+from .decoding import DecodeState, decode_ar, heal
+from .errors import AheadError, Cancelled, DoesNotFit, EngineBusy
 from .loading import Log, build_model, load_checkpoint, resolve_device, resolve_dtype, stderr_log
-from .lookahead import LookaheadConfig, NGramPool, decode_lookahead, step_shape
+from .lookahead import LookaheadConfig, decode_lookahead, step_shape
 from .prompt import PromptBudget, build_prompt
+from .request import ALL_ON, CompletionRequest, Switches
 from .runner import Runner
-from .sessions import SessionStore, common_prefix
+from .sessions import SessionStore
+from .stops import Cut, Stopper, finish
 from .tokens import Codec
 from .tuning_store import lookup_tuned
+
+OnText = Callable[[str], None]  # the completion's text so far that no stop rule can take back
+Poll = Callable[[], bool]  # True once the request is cancelled
 
 BUILTIN_LOOKAHEAD = {"cuda": LookaheadConfig(8, 4, 8), "cpu": LookaheadConfig(4, 3, 4)}
 ANONYMOUS = "<anonymous>"
@@ -39,7 +48,7 @@ class Completion:
     prefill_ms: float
     ttft_ms: float  # request start to the first committed token
     step_ms: list[float]
-    stop_reason: str
+    stop_reason: str  # "stop" (the model's stop token), "length", a stop rule, or "type-through"
     decoding: str
     lookahead: str | None
     pool_hits: int
@@ -80,6 +89,8 @@ class Engine:
         eos = self.checkpoint.config.eos_token_id
         self.codec = Codec(self.checkpoint.tokenizer, eos if isinstance(eos, list) else [eos])
         self.sessions = SessionStore(self.runner, options.kv_budget_mb << 20)
+        self._lookahead: LookaheadConfig | None = None
+        self._owner = threading.Lock()
         self.load_seconds = time.perf_counter() - started
         self.model_name = self.checkpoint.source
         log(f"ahead: {self.describe()} ready in {self.load_seconds:.1f} s")
@@ -92,75 +103,87 @@ class Engine:
         return torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
 
     def default_lookahead(self) -> LookaheadConfig:
-        tuned = lookup_tuned(self)
-        return tuned or BUILTIN_LOOKAHEAD["cuda" if self.device.type == "cuda" else "cpu"]
+        """The tuned (W,N,G) for this model and device, else the built-in one; read from disk once."""
+        if self._lookahead is None:
+            tuned = lookup_tuned(self)
+            self._lookahead = tuned or BUILTIN_LOOKAHEAD["cuda" if self.device.type == "cuda" else "cpu"]
+        return self._lookahead
 
     # -- requests -------------------------------------------------------------------------------
     def complete(
         self,
-        prefix: str,
-        suffix: str = "",
+        request: CompletionRequest,
         *,
-        document: str | None = None,
-        max_tokens: int = 128,
-        decoding: str = "lookahead",
-        lookahead: LookaheadConfig | None = None,
-        heal_tokens: bool = True,
-        fim: bool = True,
-        reuse_kv: bool = True,
-        persistent_pool: bool = True,
-        type_through: bool = True,
-        on_step: OnStep | None = None,
-        cancelled: Cancelled | None = None,
+        switches: Switches = ALL_ON,
+        on_text: OnText | None = None,
+        cancel: threading.Event | None = None,
     ) -> Completion:
-        if decoding not in ("ar", "lookahead"):
-            raise AheadError(f"unknown decoding '{decoding}' (use ar or lookahead)")
-        if max_tokens < 0:
-            raise AheadError("max tokens must be >= 0")
+        """Complete at the cursor between `request.prefix` and `request.suffix`.
+
+        Raises BadRequest, DoesNotFit, or Cancelled (with the text committed so far) once `cancel`
+        is set; EngineBusy if another thread is inside the engine.
+        """
+        request.validate()
+        if not self._owner.acquire(blocking=False):
+            raise EngineBusy("the engine is running another thread's request; drive it from one thread (EngineWorker)")
+        try:
+            return self._complete(request, switches, on_text, cancel.is_set if cancel is not None else None)
+        finally:
+            self._owner.release()
+
+    def _complete(
+        self, request: CompletionRequest, switches: Switches, on_text: OnText | None, cancelled: Poll | None
+    ) -> Completion:
         started = time.perf_counter()
-        session = self.sessions.activate(document or ANONYMOUS)
-        cfg = (lookahead or self.default_lookahead()) if decoding == "lookahead" else None
+        prefix, suffix = request.prefix, request.suffix
+        session = self.sessions.activate(request.document or ANONYMOUS)
+        cfg = (request.lookahead or self.default_lookahead()) if request.decoding == "lookahead" else None
+        if switches.type_through:
+            rest = session.type_through(prefix, suffix)
+            if rest is not None:
+                return self._typed_through(rest, started, request.decoding, cfg)
+        if cancelled is not None and cancelled():
+            raise Cancelled()
 
-        if type_through and session.last is not None:
-            hit = self._type_through(session.last, prefix, suffix, started, decoding, cfg)
-            if hit is not None:
-                return hit
-
-        prompt = build_prompt(self.codec, prefix, suffix, self.options.budget, fim=fim, heal=heal_tokens)
+        prompt = build_prompt(self.codec, prefix, suffix, self.options.budget, fim=switches.fim, heal=request.heal)
         ids = list(prompt.ids)
         if not ids:
             bos = self.checkpoint.config.bos_token_id
             if bos is None:
                 raise AheadError("nothing to complete: the prompt is empty and the model has no BOS token")
             ids = [bos]
-        headroom = (step_shape(cfg).size if cfg else 1) + max_tokens + 1
+        headroom = (step_shape(cfg).size if cfg else 1) + request.max_tokens + 1
         if len(ids) + headroom > self.runner.capacity:
-            raise AheadError(
-                f"prompt ({len(ids)} tokens) + {max_tokens} new tokens do not fit the KV cache "
+            raise DoesNotFit(
+                f"prompt ({len(ids)} tokens) + {request.max_tokens} new tokens do not fit the KV cache "
                 f"({self.runner.capacity} slots); raise --max-seq-len or lower the prompt budget"
             )
 
-        reused = common_prefix(session.tokens, ids[:-1]) if reuse_kv else 0
-        session.tokens = session.tokens[:reused]
-        self.runner.prefill(ids[reused:-1], reused)
-        session.tokens = ids[:-1]
+        reused = session.reuse(ids[:-1], switches.reuse_kv)
+        written = self.runner.prefill(ids[reused:-1], reused, cancelled)
+        session.written(ids[: reused + written])
+        if reused + written < len(ids) - 1:
+            raise Cancelled()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         prefill_ms = (time.perf_counter() - started) * 1e3
 
-        state = DecodeState(list(ids), max_tokens, self.codec.stop_ids, on_step=on_step, cancelled=cancelled)
+        stopper = Stopper(request.stop, prefix, suffix) if request.stop.any else None
+        watch = CompletionText(self.codec, prompt.healed, stopper, on_text)
+        state = DecodeState(list(ids), request.max_tokens, self.codec.stop_ids, on_commit=watch.on_commit,
+                            cancelled=cancelled)
         heal(self.runner, self.codec, state, prompt.healed)
         if cfg is not None:
-            pool = self._pool(session, ids, cfg, persistent_pool)
-            decode_lookahead(self.runner, state, cfg, pool)
+            decode_lookahead(self.runner, state, cfg, session.pool_for(ids, cfg, switches.persistent_pool))
         else:
             decode_ar(self.runner, state)
-        session.tokens = state.seq[:-1]
-
-        out = self.codec.to_bytes(state.new)
-        text = out[len(prompt.healed) :].decode("utf-8", errors="ignore") if out.startswith(prompt.healed) else ""
-        elapsed = (time.perf_counter() - started) * 1e3
-        completion = Completion(
+        session.written(state.seq[:-1])
+        text, reason = watch.final(state.new, state.stop_reason or "length")
+        if reason == "cancelled":
+            session.remember(prefix, suffix, None)
+            raise Cancelled(text, len(state.new))
+        session.remember(prefix, suffix, text)
+        return Completion(
             text=text,
             tokens=list(state.new),
             steps=state.steps,
@@ -168,40 +191,18 @@ class Engine:
             prefill_tokens=len(ids) - 1 - reused,
             reused_tokens=reused,
             prompt_tokens=len(ids),
-            time_ms=elapsed,
+            time_ms=(time.perf_counter() - started) * 1e3,
             prefill_ms=prefill_ms,
             ttft_ms=prefill_ms + (state.step_ms[0] if state.step_ms else 0.0),
             step_ms=state.step_ms,
-            stop_reason=state.stop_reason or "length",
-            decoding=decoding,
+            stop_reason=reason,
+            decoding=request.decoding,
             lookahead=str(cfg) if cfg else None,
             pool_hits=state.pool_hits,
         )
-        session.last = (prefix, suffix, text) if completion.stop_reason != "cancelled" else None
-        return completion
 
-    def _pool(self, session, ids: list[int], cfg: LookaheadConfig, persistent: bool) -> NGramPool:
-        """The document's n-gram pool, seeded with the n-grams of the prompt it has not seen yet."""
-        if not persistent or session.pool is None or session.pool.n != cfg.ngram:
-            pool = NGramPool(cfg.ngram)
-            pool.add_text(ids)
-            if persistent:
-                session.pool, session.seeded = pool, list(ids)
-            return pool
-        same = common_prefix(session.seeded, ids)
-        session.pool.add_text(ids[max(0, same - cfg.ngram + 1) :])
-        session.seeded = list(ids)
-        return session.pool
-
-    def _type_through(self, last, prefix, suffix, started, decoding, cfg) -> Completion | None:
+    def _typed_through(self, rest: str, started: float, decoding: str, cfg: LookaheadConfig | None) -> Completion:
         """The user typed the start of the last suggestion: serve the rest without a forward pass."""
-        old_prefix, old_suffix, text = last
-        if suffix != old_suffix or not prefix.startswith(old_prefix):
-            return None
-        typed = prefix[len(old_prefix) :]
-        if not typed or not text.startswith(typed) or len(typed) >= len(text):
-            return None
-        rest = text[len(typed) :]
         elapsed = (time.perf_counter() - started) * 1e3
         return Completion(
             text=rest, tokens=[], steps=0, accepted_per_step=[], prefill_tokens=0, reused_tokens=0,
@@ -211,3 +212,44 @@ class Engine:
 
     def close_document(self, document: str) -> None:
         self.sessions.drop(document)
+
+
+class CompletionText:
+    """Committed tokens -> the completion's text, with the request's stop rules applied as it grows."""
+
+    def __init__(self, codec: Codec, healed: bytes, stopper: Stopper | None, on_text: OnText | None):
+        self.codec = codec
+        self.healed = healed
+        self.stopper = stopper
+        self.on_text = on_text
+        self.cut: Cut | None = None
+        self.streamed = ""
+
+    def text(self, tokens: list[int]) -> str:
+        """The text after the cursor: healing's re-generated bytes left out, a torn UTF-8 tail too."""
+        out = self.codec.to_bytes(tokens)
+        if not out.startswith(self.healed):
+            return ""  # still healing (or healing failed: then nothing is shown)
+        return out[len(self.healed) :].decode("utf-8", errors="ignore")
+
+    def on_commit(self, tokens: list[int]) -> str | None:
+        text = self.text(tokens)
+        if self.stopper is not None:
+            self.cut = self.stopper.check(text)
+            if self.cut is not None:
+                return self.cut.reason
+        if self.on_text is not None:
+            stable = self.stopper.stable(text) if self.stopper is not None else text.rstrip()
+            if len(stable) > len(self.streamed):
+                self.streamed = stable
+                self.on_text(stable)
+        return None
+
+    def final(self, tokens: list[int], reason: str) -> tuple[str, str]:
+        """(text, stop reason) once decoding has ended for `reason`."""
+        text = self.text(tokens)
+        if self.cut is None and self.stopper is not None and reason != "cancelled":
+            self.cut = self.stopper.check(text, final=True)
+        if self.cut is not None:
+            text, reason = text[: self.cut.end], self.cut.reason
+        return finish(text), reason

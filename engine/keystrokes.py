@@ -32,7 +32,9 @@ from .engine import Completion, Engine
 from .errors import AheadError
 from .lookahead import LookaheadConfig, step_shape
 from .prompt import build_prompt
+from .request import CompletionRequest, Switches
 from .runner import DECODE, causal_shape
+from .stops import StopRules
 
 SYNTH_TOKENS = 4000
 
@@ -104,10 +106,10 @@ def spread_positions(text: str, count: int, chars: int, lo: float = 0.0, hi: flo
 # -- measurement ----------------------------------------------------------------------------------
 def request(engine: Engine, args, cfg: LookaheadConfig | None, prefix: str, suffix: str, document: str,
             reuse_kv: bool, persistent_pool: bool) -> Completion:
-    return engine.complete(
-        prefix, suffix, document=document, max_tokens=args.max_tokens, decoding=args.decoding, lookahead=cfg,
-        reuse_kv=reuse_kv, persistent_pool=persistent_pool, type_through=False,
-    )
+    request = CompletionRequest(prefix, suffix, document=document, max_tokens=args.max_tokens,
+                                decoding=args.decoding, lookahead=cfg, stop=StopRules.raw())
+    switches = Switches(reuse_kv=reuse_kv, persistent_pool=persistent_pool, type_through=False)
+    return engine.complete(request, switches=switches)
 
 
 def replay(engine: Engine, args, cfg, text: str, pos: Position, document: str, persistent_pool: bool,

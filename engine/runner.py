@@ -9,6 +9,7 @@ graph per (shape, visible-length bucket) serves every step of that shape.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 
@@ -141,10 +142,15 @@ class Runner:
             argmax, logits = self._forward(shape, tokens_buf, base_buf, visible)
         return Captured(graph, tokens_buf, base_buf, argmax, logits)
 
-    def prefill(self, tokens: list[int], start: int) -> None:
-        """Write K/V for `tokens` at slots start.. (no logits: the decode loop makes the first)."""
+    def prefill(self, tokens: list[int], start: int, cancelled: Callable[[], bool] | None = None) -> int:
+        """Write K/V for `tokens` at slots start.. (no logits: the decode loop makes the first).
+
+        `cancelled` is polled between chunks; returns how many tokens were written.
+        """
         pos = 0
         while pos < len(tokens):
+            if cancelled is not None and cancelled():
+                return pos
             n = min(self.prefill_chunk, len(tokens) - pos)
             bucket = next((b for b in self.graph_prefill_sizes if b >= n), None) if self.use_graphs else None
             if bucket is not None and start + pos + bucket <= self.capacity:
@@ -155,6 +161,7 @@ class Runner:
             else:  # past the end of the cache, or no graphs (CPU)
                 self.step(causal_shape(n), tokens[pos : pos + n], start + pos, graph=False)
             pos += n
+        return pos
 
     # -- cache bookkeeping --------------------------------------------------------------------
     @property

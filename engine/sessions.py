@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .lookahead import NGramPool
+from .lookahead import LookaheadConfig, NGramPool
 from .runner import Runner
 
 
@@ -41,6 +41,45 @@ class Session:
     seeded: list[int] = field(default_factory=list)  # prompt the pool was last seeded from
     last: tuple[str, str, str] | None = None  # (prefix, suffix, completion) for type-through
     used: float = field(default_factory=time.monotonic)
+
+    def reuse(self, ids: list[int], enabled: bool = True) -> int:
+        """How many of `ids` already have K/V in the cache; the rest is about to be overwritten."""
+        reused = common_prefix(self.tokens, ids) if enabled else 0
+        self.tokens = self.tokens[:reused]
+        return reused
+
+    def written(self, ids: list[int]) -> None:
+        """The cache now holds valid K/V for exactly `ids`, at slot == index."""
+        self.tokens = list(ids)
+
+    def pool_for(self, ids: list[int], cfg: LookaheadConfig, persistent: bool = True) -> NGramPool:
+        """The document's n-gram pool, seeded with the n-grams of the prompt it has not seen yet."""
+        if not persistent or self.pool is None or self.pool.n != cfg.ngram:
+            pool = NGramPool(cfg.ngram)
+            pool.add_text(ids)
+            if persistent:
+                self.pool, self.seeded = pool, list(ids)
+            return pool
+        same = common_prefix(self.seeded, ids)
+        self.pool.add_text(ids[max(0, same - cfg.ngram + 1) :])
+        self.seeded = list(ids)
+        return self.pool
+
+    def remember(self, prefix: str, suffix: str, text: str | None) -> None:
+        """The suggestion shown for this cursor context (None: nothing shown, e.g. cancelled)."""
+        self.last = (prefix, suffix, text) if text else None
+
+    def type_through(self, prefix: str, suffix: str) -> str | None:
+        """The rest of the last suggestion if the user has typed its start since, else None."""
+        if self.last is None:
+            return None
+        old_prefix, old_suffix, text = self.last
+        if suffix != old_suffix or not prefix.startswith(old_prefix):
+            return None
+        typed = prefix[len(old_prefix) :]
+        if not typed or not text.startswith(typed) or len(typed) >= len(text):
+            return None
+        return text[len(typed) :]
 
 
 class SessionStore:

@@ -130,3 +130,14 @@ def tiny_engine(tiny_config, tiny_model, tiny_tokenizer):
     torch.set_num_threads(1)
     yield make
     torch.set_num_threads(threads)
+
+
+def complete(engine, prefix: str, suffix: str = "", *, reuse_kv: bool = True, persistent_pool: bool = True,
+             type_through: bool = True, fim: bool = True, stop=None, **request):
+    """engine.complete with raw output by default: decoding tests compare tokens, not stop rules."""
+    from engine.request import CompletionRequest, Switches
+    from engine.stops import StopRules
+
+    switches = Switches(fim=fim, reuse_kv=reuse_kv, persistent_pool=persistent_pool, type_through=type_through)
+    req = CompletionRequest(prefix, suffix, stop=stop or StopRules.raw(), **request)
+    return engine.complete(req, switches=switches)

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import complete
 
 from engine import cli
 
@@ -132,6 +133,6 @@ def test_complete_plain_text(smollm2_engine, source: Path, monkeypatch, capsys) 
     assert cli.main(args) == 0
     out, err = capsys.readouterr()
     kw = dict(max_tokens=8, decoding="ar", reuse_kv=False, type_through=False)
-    expected = smollm2_engine.complete(SOURCE[:-1], "\n", **kw)
+    expected = complete(smollm2_engine, SOURCE[:-1], "\n", **kw)
     assert out == expected.text + ("" if expected.text.endswith("\n") else "\n")
     assert "8 tokens" in err and len(err.strip().splitlines()) == 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import complete
 
 from engine.decoding import DecodeState, decode_ar
 from engine.lookahead import LookaheadConfig, NGramPool, decode_lookahead, step_shape
@@ -34,8 +35,8 @@ def test_tiny_lookahead_equals_ar(tiny_engine, arch: str, spec: str) -> None:
     engine = tiny_engine(arch)
     cfg = LookaheadConfig.parse(spec)
     kw = dict(document="doc", max_tokens=40, type_through=False)
-    ar = engine.complete(REPETITIVE, decoding="ar", **kw)
-    la = engine.complete(REPETITIVE, decoding="lookahead", lookahead=cfg, **kw)
+    ar = complete(engine, REPETITIVE, decoding="ar", **kw)
+    la = complete(engine, REPETITIVE, decoding="lookahead", lookahead=cfg, **kw)
     assert len(ar.tokens) == 40
     assert la.tokens == ar.tokens
     assert la.text == ar.text
@@ -54,10 +55,10 @@ def test_tiny_lookahead_max_tokens_below_ngram(tiny_engine, arch: str, spec: str
     engine = tiny_engine(arch)
     cfg = LookaheadConfig.parse(spec)
     # Warm the document's pool so that the very first steps can accept long runs.
-    engine.complete(REPETITIVE, document="doc", decoding="lookahead", lookahead=cfg, max_tokens=40)
+    complete(engine, REPETITIVE, document="doc", decoding="lookahead", lookahead=cfg, max_tokens=40)
     kw = dict(document="doc", max_tokens=max_tokens, type_through=False)
-    ar = engine.complete(REPETITIVE, decoding="ar", **kw)
-    la = engine.complete(REPETITIVE, decoding="lookahead", lookahead=cfg, **kw)
+    ar = complete(engine, REPETITIVE, decoding="ar", **kw)
+    la = complete(engine, REPETITIVE, decoding="lookahead", lookahead=cfg, **kw)
     assert len(la.tokens) == max_tokens
     assert la.tokens == ar.tokens
     assert la.stop_reason == "length"
@@ -71,10 +72,10 @@ def test_tiny_lookahead_prompt_shorter_than_window(tiny_engine, arch: str, heal:
     engine = tiny_engine(arch)
     prefix = "n)"
     assert len(engine.codec.encode(prefix)) == 2
-    kw = dict(max_tokens=24, heal_tokens=heal, reuse_kv=False, type_through=False, persistent_pool=False)
-    ar = engine.complete(prefix, decoding="ar", **kw)
+    kw = dict(max_tokens=24, heal=heal, reuse_kv=False, type_through=False, persistent_pool=False)
+    ar = complete(engine, prefix, decoding="ar", **kw)
     for spec in ("8,4,8", "8,3,2"):
-        la = engine.complete(prefix, decoding="lookahead", lookahead=LookaheadConfig.parse(spec), **kw)
+        la = complete(engine, prefix, decoding="lookahead", lookahead=LookaheadConfig.parse(spec), **kw)
         assert la.tokens == ar.tokens, spec
         assert la.prompt_tokens == (1 if heal else 2)
 
@@ -140,9 +141,9 @@ def test_smollm2_lookahead_equals_ar_on_bench_code(smollm2_engine, bench_cases: 
     for i, case in enumerate(cases):
         spec, heal = REAL_CONFIGS[i % 4], (i // 4) % 2 == 0
         cfg = LookaheadConfig.parse(spec)
-        kw = dict(document=f"lookahead-{case['id']}", max_tokens=24, heal_tokens=heal, type_through=False)
-        ar = smollm2_engine.complete(case["prefix"], case["suffix"], decoding="ar", **kw)
-        la = smollm2_engine.complete(case["prefix"], case["suffix"], decoding="lookahead", lookahead=cfg, **kw)
+        kw = dict(document=f"lookahead-{case['id']}", max_tokens=24, heal=heal, type_through=False)
+        ar = complete(smollm2_engine, case["prefix"], case["suffix"], decoding="ar", **kw)
+        la = complete(smollm2_engine, case["prefix"], case["suffix"], decoding="lookahead", lookahead=cfg, **kw)
         assert la.tokens == ar.tokens, f"{case['id']} {spec} heal={heal}"
         assert la.text == ar.text
         assert la.prefill_tokens == 0 and la.reused_tokens == ar.prompt_tokens - 1  # only decoding reran

@@ -8,14 +8,20 @@ edit allows it. Most tests run on a tiny random model; one runs the real SmolLM2
 from __future__ import annotations
 
 import itertools
+import threading
 from collections.abc import Callable
 
 import pytest
+import torch
+from conftest import complete
 
 from engine.engine import Completion, Engine
+from engine.errors import Cancelled
 from engine.lookahead import LookaheadConfig
 from engine.prompt import build_prompt
+from engine.request import CompletionRequest
 from engine.sessions import common_prefix
+from engine.stops import StopRules
 
 CODE = (
     "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n\n\n"
@@ -30,7 +36,7 @@ _cold_ids = itertools.count()
 def cold(engine: Engine, prefix: str, suffix: str, **kw) -> Completion:
     """The reference: nothing reused, nothing remembered from earlier requests."""
     doc = f"cold-{next(_cold_ids)}"
-    out = engine.complete(prefix, suffix, document=doc, reuse_kv=False, persistent_pool=False, **kw)
+    out = complete(engine, prefix, suffix, document=doc, reuse_kv=False, persistent_pool=False, **kw)
     engine.close_document(doc)
     return out
 
@@ -52,7 +58,7 @@ def edits(prefix: str, suffix: str) -> list[tuple[str, str, str]]:
 def check_edits(engine: Engine, prefix: str, suffix: str, document: str, **kw) -> list[Completion]:
     warm_results = []
     for name, p, s in edits(prefix, suffix):
-        warm = engine.complete(p, s, document=document, type_through=False, **kw)
+        warm = complete(engine, p, s, document=document, type_through=False, **kw)
         ref = cold(engine, p, s, type_through=False, **kw)
         assert warm.tokens == ref.tokens, name
         assert warm.text == ref.text, name
@@ -87,7 +93,7 @@ def test_tiny_interleaved_documents_match_cold(tiny_engine: Callable[..., Engine
     kw = dict(max_tokens=12, decoding="lookahead", lookahead=CFG, type_through=False)
     for round_, (doc, text) in enumerate([("A", CODE), ("B", other), ("A", CODE + "x"), ("B", other + "y")] * 2):
         text = text + "z" * (round_ // 4)
-        warm = engine.complete(text, SUFFIX, document=doc, **kw)
+        warm = complete(engine, text, SUFFIX, document=doc, **kw)
         assert warm.tokens == cold(engine, text, SUFFIX, **kw).tokens, (round_, doc)
         if round_ >= 2:
             assert warm.reused_tokens > warm.prompt_tokens // 2, (round_, doc)  # parked and restored
@@ -103,11 +109,11 @@ def test_tiny_eviction_under_a_small_budget(tiny_engine: Callable[..., Engine]) 
     assert 2 * min(lengths) > max(lengths)
     engine.sessions.budget_bytes = engine.runner.bytes_per_token * max(lengths)  # one parked document fits
     for d in ("A", "B", "C"):
-        out = engine.complete(docs[d], SUFFIX, document=d, **kw)  # parks A, then parks B evicting A
+        out = complete(engine, docs[d], SUFFIX, document=d, **kw)  # parks A, then parks B evicting A
         assert out.tokens == cold(reference, docs[d], SUFFIX, **kw).tokens
     assert engine.sessions.evictions == 1
     assert engine.sessions.sessions["A"].parked is None and engine.sessions.sessions["B"].parked is not None
-    again = engine.complete(docs["A"], SUFFIX, document="A", **kw)  # parks C evicting B
+    again = complete(engine, docs["A"], SUFFIX, document="A", **kw)  # parks C evicting B
     assert again.reused_tokens == 0 and again.prefill_tokens == again.prompt_tokens - 1
     assert again.tokens == cold(reference, docs["A"], SUFFIX, **kw).tokens
     assert engine.sessions.evictions == 2
@@ -118,7 +124,7 @@ def test_tiny_zero_budget_never_reuses_but_matches(tiny_engine: Callable[..., En
     engine = tiny_engine("qwen2", kv_budget_mb=0)
     kw = dict(max_tokens=12, decoding="lookahead", lookahead=CFG, type_through=False)
     for doc, text in [("A", CODE), ("B", CODE + "q"), ("A", CODE + "r")]:
-        warm = engine.complete(text, SUFFIX, document=doc, **kw)
+        warm = complete(engine, text, SUFFIX, document=doc, **kw)
         assert warm.tokens == cold(engine, text, SUFFIX, **kw).tokens
     assert warm.reused_tokens == 0 and warm.prefill_tokens == warm.prompt_tokens - 1
     assert engine.sessions.parked_bytes() == 0
@@ -127,9 +133,9 @@ def test_tiny_zero_budget_never_reuses_but_matches(tiny_engine: Callable[..., En
 def test_tiny_big_budget_switching_back_reuses(tiny_engine: Callable[..., Engine]) -> None:
     engine = tiny_engine("llama")
     kw = dict(max_tokens=12, decoding="ar", type_through=False)
-    engine.complete(CODE, SUFFIX, document="A", **kw)
-    engine.complete(CODE.replace("n", "m"), SUFFIX, document="B", **kw)
-    back = engine.complete(CODE, SUFFIX, document="A", **kw)
+    complete(engine, CODE, SUFFIX, document="A", **kw)
+    complete(engine, CODE.replace("n", "m"), SUFFIX, document="B", **kw)
+    back = complete(engine, CODE, SUFFIX, document="A", **kw)
     assert back.reused_tokens == back.prompt_tokens - 1 and back.prefill_tokens == 0
     assert engine.sessions.evictions == 0
 
@@ -137,11 +143,11 @@ def test_tiny_big_budget_switching_back_reuses(tiny_engine: Callable[..., Engine
 def test_tiny_close_document_drops_the_session(tiny_engine: Callable[..., Engine]) -> None:
     engine = tiny_engine("qwen2")
     kw = dict(max_tokens=8, decoding="ar")
-    first = engine.complete(CODE, SUFFIX, document="A", **kw)
+    first = complete(engine, CODE, SUFFIX, document="A", **kw)
     assert "A" in engine.sessions.sessions
     engine.close_document("A")
     assert "A" not in engine.sessions.sessions
-    again = engine.complete(CODE, SUFFIX, document="A", **kw)
+    again = complete(engine, CODE, SUFFIX, document="A", **kw)
     assert again.reused_tokens == 0 and not again.type_through
     assert again.tokens == first.tokens
 
@@ -151,13 +157,13 @@ def test_tiny_type_through(tiny_engine: Callable[..., Engine], tiny_tokenizer, d
     """Typing the start of the suggestion serves the rest without running the model."""
     engine = tiny_engine("qwen2", config={"vocab_size": len(tiny_tokenizer)})  # every id has text
     prefix = "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n"
-    kw = dict(max_tokens=16, decoding=decoding, lookahead=CFG, heal_tokens=False)
-    first = engine.complete(prefix, SUFFIX, document="A", **kw)
+    kw = dict(max_tokens=16, decoding=decoding, lookahead=CFG, heal=False)
+    first = complete(engine, prefix, SUFFIX, document="A", **kw)
     assert len(first.text) > 4 and not first.type_through
-    hit = engine.complete(prefix + first.text[:3], SUFFIX, document="A", **kw)
+    hit = complete(engine, prefix + first.text[:3], SUFFIX, document="A", **kw)
     assert hit.type_through and hit.steps == 0 and hit.tokens == []
     assert hit.text == first.text[3:]
-    hit2 = engine.complete(prefix + first.text[:4], SUFFIX, document="A", **kw)  # still relative to `first`
+    hit2 = complete(engine, prefix + first.text[:4], SUFFIX, document="A", **kw)  # still relative to `first`
     assert hit2.type_through and hit2.text == first.text[4:]
     # A different suffix, a mismatching character, or type_through=False: computed normally.
     for p, s, tt in [
@@ -165,26 +171,64 @@ def test_tiny_type_through(tiny_engine: Callable[..., Engine], tiny_tokenizer, d
         (prefix + first.text[:2] + "\x07", SUFFIX, True),
         (prefix + first.text[:3], SUFFIX, False),
     ]:
-        out = engine.complete(p, s, document="A", type_through=tt, **kw)
+        out = complete(engine, p, s, document="A", type_through=tt, **kw)
         assert not out.type_through and out.steps > 0
         assert out.tokens == cold(engine, p, s, **kw).tokens
 
 
 @pytest.mark.parametrize("decoding", ["ar", "lookahead"])
 def test_tiny_cancellation(tiny_engine: Callable[..., Engine], decoding: str) -> None:
-    """Cancelled after the first step: few tokens, reason "cancelled"; the next request is still right."""
+    """Cancelled after the first step: Cancelled is raised with what was committed, and the
+    document's session stays right for the next request."""
     engine = tiny_engine("llama")
     kw = dict(max_tokens=24, decoding=decoding, lookahead=CFG, type_through=True)
-    steps: list[list[int]] = []
-    out = engine.complete(CODE, SUFFIX, document="A", on_step=steps.append, cancelled=lambda: bool(steps), **kw)
-    assert out.stop_reason == "cancelled"
-    assert out.steps == 1 and len(steps) == 1 and out.tokens == steps[0]
-    full = engine.complete(CODE, SUFFIX, document="A", **kw)
-    assert not full.type_through and full.stop_reason != "cancelled"
+    cancel = threading.Event()
+    request = CompletionRequest(CODE, SUFFIX, document="A", max_tokens=24, decoding=decoding, lookahead=CFG,
+                                stop=StopRules.raw())
+    with pytest.raises(Cancelled) as raised:
+        engine.complete(request, cancel=cancel, on_text=lambda _: cancel.set())
+    partial = raised.value
+    full = complete(engine, CODE, SUFFIX, document="A", **kw)
+    assert not full.type_through and full.stop_reason == "length"  # nothing of the cancelled one is reused as text
     ref = cold(engine, CODE, SUFFIX, **kw)
-    assert full.tokens == ref.tokens and len(full.tokens) > len(out.tokens)
-    assert out.tokens == ref.tokens[: len(out.tokens)]  # what was committed before the cancel is right
-    assert full.tokens[: len(out.tokens)] == out.tokens
+    assert full.tokens == ref.tokens and 0 < partial.tokens < len(full.tokens)
+    assert ref.text.startswith(partial.text) and partial.text  # what was committed before the cancel is right
+
+
+def test_tiny_cancel_before_prefill_computes_nothing(tiny_engine: Callable[..., Engine]) -> None:
+    """A request cancelled before it starts raises at once: no K/V is written for it."""
+    engine = tiny_engine("qwen2")
+    cancel = threading.Event()
+    cancel.set()
+    before = engine.model.kv.clone()
+    with pytest.raises(Cancelled):
+        engine.complete(CompletionRequest(CODE, SUFFIX, document="A"), cancel=cancel)
+    assert torch.equal(before, engine.model.kv)
+
+
+def test_tiny_cancel_between_prefill_chunks(tiny_engine: Callable[..., Engine]) -> None:
+    """Cancelled after the first prefill chunk: the rest is not prefilled and the session knows
+    exactly which K/V are valid, so the next request reuses them and still matches a cold one."""
+    engine = tiny_engine("qwen2")
+    engine.runner.prefill_chunk = 16
+    polls: list[int] = []
+    cancel = threading.Event()
+    real_step = engine.runner.step
+
+    def step(*args, **kwargs):
+        polls.append(1)
+        cancel.set()  # cancelled while the first chunk runs
+        return real_step(*args, **kwargs)
+
+    engine.runner.step = step
+    with pytest.raises(Cancelled):
+        engine.complete(CompletionRequest(CODE * 3, SUFFIX, document="A", max_tokens=8), cancel=cancel)
+    assert len(polls) == 1
+    engine.runner.step = real_step
+    assert len(engine.sessions.sessions["A"].tokens) == 16
+    again = complete(engine, CODE * 3, SUFFIX, document="A", max_tokens=8, decoding="ar")
+    assert again.reused_tokens == 16
+    assert again.tokens == cold(engine, CODE * 3, SUFFIX, max_tokens=8, decoding="ar").tokens
 
 
 def test_common_prefix_matches_a_plain_scan() -> None:
