@@ -12,18 +12,19 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
 from .decoding import DecodeState, decode_ar, heal
-from .errors import AheadError, Cancelled, DoesNotFit, EngineBusy
-from .loading import Log, build_model, load_checkpoint, resolve_device, resolve_dtype, stderr_log
+from .errors import AheadError, BadRequest, Cancelled, DoesNotFit, EngineBusy, OutOfMemory
+from .loading import Log, build_model, load_checkpoint, release_weights, resolve_device, resolve_dtype, stderr_log
 from .lookahead import LookaheadConfig, decode_lookahead, step_shape
 from .prompt import PromptBudget, build_prompt
 from .request import ALL_ON, CompletionRequest, Switches
 from .runner import Runner
 from .sessions import SessionStore
+from .sizing import configure_threads, default_budget
 from .stops import Cut, Stopper, finish
 from .tokens import Codec
 from .tuning_store import lookup_tuned
@@ -72,19 +73,27 @@ class EngineOptions:
     max_seq_len: int = 4096  # KV cache slots: prompt + completion + one lookahead step
     use_graphs: bool = True
     kv_budget_mb: int = 1024  # parked KV of inactive documents
-    budget: PromptBudget = field(default_factory=PromptBudget)
+    budget: PromptBudget | None = None  # None: sized for the device (sizing.default_budget)
+    threads: int | None = None  # CPU threads; None: OMP_NUM_THREADS, else physical cores - 1 (at most 8)
 
 
 class Engine:
     def __init__(self, options: EngineOptions | None = None, log: Log = stderr_log, checkpoint=None):
-        self.options = options = options or EngineOptions()
+        options = options or EngineOptions()
+        self.log = log
         self.device = resolve_device(options.device)
         self.dtype = resolve_dtype(options.dtype, self.device)
         if options.max_seq_len % 256:
             raise AheadError("--max-seq-len must be a multiple of 256")
+        configure_threads(self.device, options.threads)
+        if options.budget is None:
+            options = replace(options, budget=default_budget(self.device))
+        self.options = options
         started = time.perf_counter()
-        self.checkpoint = checkpoint or load_checkpoint(options.model, log)
+        self.checkpoint = checkpoint or load_checkpoint(options.model, log, dtype=self.dtype, device=self.device)
         self.model = build_model(self.checkpoint, self.device, self.dtype, options.max_seq_len)
+        if checkpoint is None:  # a caller's own checkpoint (tests, random weights) keeps its weights
+            release_weights(self.checkpoint)
         self.runner = Runner(self.model, use_graphs=options.use_graphs)
         eos = self.checkpoint.config.eos_token_id
         self.codec = Codec(self.checkpoint.tokenizer, eos if isinstance(eos, list) else [eos])
@@ -94,6 +103,15 @@ class Engine:
         self.load_seconds = time.perf_counter() - started
         self.model_name = self.checkpoint.source
         log(f"ahead: {self.describe()} ready in {self.load_seconds:.1f} s")
+
+    def warmup(self) -> int:
+        """Capture every CUDA graph requests will use before serving (decode, the default lookahead
+        step, prefill chunks at every cache length), so the first keystroke does not pay for it."""
+        from .warmup import warm_up
+
+        captured = warm_up(self.runner, [step_shape(self.default_lookahead())], self.log)
+        self.sessions.invalidate_working_cache()
+        return captured
 
     def describe(self) -> str:
         a = self.model.args
@@ -128,6 +146,14 @@ class Engine:
             raise EngineBusy("the engine is running another thread's request; drive it from one thread (EngineWorker)")
         try:
             return self._complete(request, switches, on_text, cancel.is_set if cancel is not None else None)
+        except torch.OutOfMemoryError:
+            dropped = self.sessions.trim()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise OutOfMemory(
+                f"out of {self.device.type} memory for this request ({len(request.prefix) + len(request.suffix)} "
+                f"characters of text); dropped {dropped} parked session(s), try again or lower --max-seq-len"
+            ) from None
         finally:
             self._owner.release()
 
@@ -145,12 +171,19 @@ class Engine:
         if cancelled is not None and cancelled():
             raise Cancelled()
 
-        prompt = build_prompt(self.codec, prefix, suffix, self.options.budget, fim=switches.fim, heal=request.heal)
+        def make_prompt(heal: bool):
+            return build_prompt(self.codec, prefix, suffix, self.options.budget, fim=switches.fim, heal=heal,
+                                context=request.context, path=request.path)
+
+        prompt = make_prompt(request.heal)
+        bos = self.checkpoint.config.bos_token_id
+        if not prompt.ids and bos is None and prompt.healed:
+            prompt = make_prompt(False)  # healing took the only token, and nothing can stand in for it
         ids = list(prompt.ids)
         if not ids:
-            bos = self.checkpoint.config.bos_token_id
             if bos is None:
-                raise AheadError("nothing to complete: the prompt is empty and the model has no BOS token")
+                raise BadRequest("nothing to complete: the text before the cursor is empty and the model has no "
+                                 "BOS token to start from")
             ids = [bos]
         headroom = (step_shape(cfg).size if cfg else 1) + request.max_tokens + 1
         if len(ids) + headroom > self.runner.capacity:

@@ -37,3 +37,15 @@ class EngineBusy(AheadError):
     """A second thread tried to drive the engine: it has one KV cache and must have one owner."""
 
     code = "busy"
+
+
+class OutOfMemory(AheadError):
+    """The device ran out of memory for this request; parked sessions were dropped to make room."""
+
+    code = "out_of_memory"
+
+
+class Overloaded(AheadError):
+    """Too many requests queued for one client; the newest is refused rather than queued unbounded."""
+
+    code = "overloaded"

@@ -4,10 +4,13 @@ A spec is: nothing (the embedded default), a `.gguf` file, a local directory wit
 config.json + *.safetensors, or a Hugging Face repo id resolved through the local HF cache.
 Weights arrive with Hugging Face parameter names, so the same tensors can feed the
 reference implementation in tests and benchmarks; `build_model` fuses them for our forward.
+A GGUF is dequantized once: the converted tensors are cached on disk (engine/weight_cache.py).
 """
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import hashlib
 import json
 import os
@@ -20,7 +23,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .default_model import cache_dir, default_model_path
+from . import weight_cache
+from .default_model import NAME, cache_dir, choose_default_model, default_model_path, hf_hub_cache, hub_offline
 from .errors import AheadError
 from .model import ModelArgs, Transformer
 
@@ -43,19 +47,62 @@ class Checkpoint:
     source: str
 
 
-def load_checkpoint(spec: str | None = None, log: Log = stderr_log) -> Checkpoint:
+def load_checkpoint(
+    spec: str | None = None,
+    log: Log = stderr_log,
+    dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
+) -> Checkpoint:
+    """Config, tokenizer and HF-named weights for `spec`, the weights in `dtype` (None: as stored,
+    fp32 for a GGUF). With no spec and a `device`, the default model is chosen to fit that device."""
+    if spec in (None, "") and device is not None:
+        return load_default(device, dtype, log)
     if spec in (None, "", "default"):
-        return load_gguf(default_model_path(log), log)
+        return load_gguf(default_model_path(log), log, dtype)
     path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix != ".gguf":
             raise AheadError(f"{path} is not a .gguf file; pass a .gguf, a model directory or a Hugging Face id")
-        return load_gguf(path, log)
+        return load_gguf(path, log, dtype)
     if path.is_dir():
-        return load_directory(path, log)
+        return load_directory(path, log, dtype)
     if spec.startswith((".", "/", "~")) or spec.endswith(".gguf"):
         raise AheadError(f"model path {spec} does not exist")
-    return load_directory(resolve_hub_id(spec, log), log)
+    return load_directory(resolve_hub_id(spec, log), log, dtype)
+
+
+def load_default(device: torch.device, dtype: torch.dtype | None, log: Log) -> Checkpoint:
+    """The Qwen2.5-Coder base that fits the GPU, else (or when it cannot be had) the embedded default."""
+    repo = choose_default_model(device, log, dtype or torch.bfloat16)
+    if repo is not None:
+        try:
+            return load_directory(resolve_hub_id(repo, log), log, dtype)
+        except AheadError as exc:
+            log(f"ahead: {repo} is unusable ({exc}); falling back to the embedded default {NAME}")
+    return load_gguf(default_model_path(log), log, dtype)
+
+
+def reload_weights(source: str, dtype: torch.dtype | None = None, log: Log = stderr_log) -> dict[str, Tensor]:
+    """HF-named weights of a checkpoint whose host copy was released (`Checkpoint.source`), e.g. for a
+    reference model in a benchmark: a GGUF's come memory-mapped from the converted-weights cache."""
+    path = Path(source)
+    if path.is_file() and path.suffix == ".gguf":
+        target = dtype or torch.float32
+        state = weight_cache.read(weight_cache.cache_path(path, target), target, log)
+        if state is not None:
+            return state
+    return load_checkpoint(source, log, dtype).state_dict
+
+
+def release_weights(ckpt: Checkpoint) -> None:
+    """Drop the checkpoint's host copy of the weights once the model is built: the model holds its own
+    (on the GPU, or fused), and a 7B model's copy would otherwise pin 15 GB of RAM for the engine's life."""
+    ckpt.state_dict.clear()
+    gc.collect()
+    try:  # hand freed heap pages back to the OS (glibc only); big tensors are unmapped anyway
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def resolve_hub_id(repo_id: str, log: Log) -> Path:
@@ -64,9 +111,10 @@ def resolve_hub_id(repo_id: str, log: Log) -> Path:
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    offline = hub_offline()
+    cache = hf_hub_cache()  # read now, not at huggingface_hub's import: HF_HOME may have changed since
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True, cache_dir=cache))
     except LocalEntryNotFoundError:
         if offline:
             raise AheadError(
@@ -77,7 +125,7 @@ def resolve_hub_id(repo_id: str, log: Log) -> Path:
         raise AheadError(f"'{repo_id}' is neither a local path nor a usable Hugging Face id ({exc})") from None
     log(f"ahead: downloading {repo_id} from the Hugging Face hub ...")
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, cache_dir=cache))
     except Exception as exc:
         raise AheadError(f"could not download '{repo_id}': {exc}".splitlines()[0]) from None
 
@@ -89,14 +137,14 @@ def check_architecture(config) -> None:
         )
 
 
-def load_directory(path: Path, log: Log) -> Checkpoint:
+def load_directory(path: Path, log: Log, dtype: torch.dtype | None = None) -> Checkpoint:
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoTokenizer
 
     ggufs = sorted(path.glob("*.gguf"))
     shards = sorted(path.glob("*.safetensors"))
     if not shards and len(ggufs) == 1:
-        return load_gguf(ggufs[0], log)
+        return load_gguf(ggufs[0], log, dtype)
     if not (path / "config.json").is_file():
         raise AheadError(f"{path} has no config.json; a model directory needs config.json and *.safetensors")
     if not shards:
@@ -129,6 +177,8 @@ def load_directory(path: Path, log: Log) -> Checkpoint:
             state.update(load_file(shard))
         except Exception as exc:
             raise AheadError(f"{shard} is corrupt or truncated ({exc}); download it again") from None
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
     return Checkpoint(config, tokenizer, state, str(path))
 
 
@@ -200,18 +250,32 @@ def gguf_tokenizer_and_config(path: Path, log: Log):
     return config, tokenizer
 
 
-def load_gguf(path: Path, log: Log) -> Checkpoint:
+def load_gguf(path: Path, log: Log, dtype: torch.dtype | None = None) -> Checkpoint:
+    """A GGUF's weights in `dtype` (None: fp32), dequantized once and memory-mapped from the cache after."""
+    config, tokenizer = gguf_tokenizer_and_config(path, log)
+    target = dtype or torch.float32
+    cached = weight_cache.cache_path(path, target)
+    state = weight_cache.read(cached, target, log)
+    if state is not None:
+        log(f"ahead: loading cached weights {cached}")
+    else:
+        log(f"ahead: dequantizing {path.name} to {weight_cache.dtype_name(target)} (once; cached at {cached})")
+        state = dequantize_gguf(path, config, target)
+        weight_cache.write(cached, state, path, log)
+    return Checkpoint(config, tokenizer, state, str(path))
+
+
+def dequantize_gguf(path: Path, config, dtype: torch.dtype) -> dict[str, Tensor]:
+    """Every tensor of the GGUF as a plain `dtype` tensor with its Hugging Face name (the slow part)."""
     try:
         from gguf import GGUFReader
         from gguf.quants import dequantize
     except ImportError:
         raise AheadError("reading .gguf files needs the 'gguf' package: pip install gguf") from None
-    config, tokenizer = gguf_tokenizer_and_config(path, log)
     try:
         reader = GGUFReader(path)
     except Exception as exc:
         raise AheadError(f"{path} is not a readable GGUF file ({exc})") from None
-    log(f"ahead: dequantizing {len(reader.tensors)} tensors from {path.name}")
 
     def convert(t):
         name = hf_name(t.name)
@@ -222,11 +286,10 @@ def load_gguf(path: Path, log: Log) -> Checkpoint:
             w = unpermute_rope(w, config.num_attention_heads)
         elif config.model_type == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
             w = unpermute_rope(w, config.num_key_value_heads)
-        return name, w
+        return name, w.to(dtype).contiguous()  # converted per tensor: peak memory stays one model's worth
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        state = dict(item for item in pool.map(convert, reader.tensors) if item is not None)
-    return Checkpoint(config, tokenizer, state, str(path))
+        return dict(item for item in pool.map(convert, reader.tensors) if item is not None)
 
 
 def fused_state_dict(hf: dict[str, Tensor], args: ModelArgs) -> dict[str, Tensor]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .tokens import Codec
+from .tokens import FILE_SEP, Codec
 
 
 @dataclass(frozen=True)
@@ -18,6 +18,7 @@ class PromptBudget:
     prefix_tokens: int = 3072  # most context sits before the cursor
     suffix_tokens: int = 256  # recomputed after every edit, so kept modest
     window_lines: int = 32  # the prefix window's start moves in jumps of this many lines
+    context_tokens: int = 1024  # other files of the repository, before the document
 
 
 @dataclass(frozen=True)
@@ -74,8 +75,36 @@ def suffix_window(codec: Codec, suffix: str, budget: PromptBudget) -> list[int]:
     return ids
 
 
+def context_ids(codec: Codec, context: tuple[tuple[str, str], ...], path: str | None, budget: int) -> list[int]:
+    """Qwen2.5-Coder's repository layout: `<|file_sep|>path\ntext` per file, the current file last.
+
+    Files are taken from the most relevant (last) backwards while they fit the budget; one that
+    does not fit is cut to its first tokens. Empty when the model has no file separator token.
+    """
+    sep = codec.token_id(FILE_SEP)
+    if not context or sep is None or budget <= 0:
+        return []
+    own = [sep, *codec.encode(f"{path or 'current'}\n")]
+    left = budget - len(own)
+    files: list[list[int]] = []
+    for other, text in reversed(context):
+        ids = [sep, *codec.encode(f"{other}\n{text}\n")]
+        if left <= 1:
+            break
+        files.append(ids[:left])
+        left -= len(files[-1])
+    return [i for ids in reversed(files) for i in ids] + own
+
+
 def build_prompt(
-    codec: Codec, prefix: str, suffix: str = "", budget: PromptBudget | None = None, fim: bool = True, heal: bool = True
+    codec: Codec,
+    prefix: str,
+    suffix: str = "",
+    budget: PromptBudget | None = None,
+    fim: bool = True,
+    heal: bool = True,
+    context: tuple[tuple[str, str], ...] = (),
+    path: str | None = None,
 ) -> Prompt:
     budget = budget or PromptBudget()
     start, prefix_ids = prefix_window(codec, prefix, budget)
@@ -89,5 +118,6 @@ def build_prompt(
     if fim_ids is None:
         return Prompt(prefix_ids, healed, start, False)
     pre, suf, mid = fim_ids
-    ids = [pre, *prefix_ids, suf, *suffix_window(codec, suffix, budget), mid]
+    head = context_ids(codec, context, path, budget.context_tokens)
+    ids = [*head, pre, *prefix_ids, suf, *suffix_window(codec, suffix, budget), mid]
     return Prompt(ids, healed, start, True)

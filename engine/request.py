@@ -21,6 +21,10 @@ class CompletionRequest:
     decoding: str = "lookahead"  # or "ar"
     lookahead: LookaheadConfig | None = None  # None: the engine's tuned or built-in (W,N,G)
     heal: bool = True  # token healing at the cursor
+    # Other files shown to the model before this one, as (path, text), most relevant last; kept
+    # stable between keystrokes by the caller, since they sit before the document in the KV cache.
+    context: tuple[tuple[str, str], ...] = ()
+    path: str | None = None  # the document's path, named in a prompt with context
 
     def validate(self) -> None:
         if not isinstance(self.prefix, str) or not isinstance(self.suffix, str):

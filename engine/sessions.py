@@ -141,6 +141,12 @@ class SessionStore:
         if session is not None and session is self.active:
             self.active = None
 
+    def trim(self) -> int:
+        """Drop every parked copy (after running out of memory); returns how many were dropped."""
+        parked = sum(s.parked is not None for s in self.sessions.values())
+        self._evict_until(0)
+        return parked
+
     def invalidate_working_cache(self) -> None:
         """The working cache was overwritten outside a session (e.g. a benchmark)."""
         if self.active is not None:

@@ -14,7 +14,8 @@ Rules (each names itself in `stop_reason`):
 - suffix-overlap: a line that repeats the first non-blank line after the cursor, or a first
   line ending in the text that already follows the cursor on its line;
 - line-end: the cursor is mid-line with code after it: only the rest of that line;
-- max-lines: a cap on lines (tokens are capped by the request's max_tokens).
+- max-lines: a cap on lines (tokens are capped by the request's max_tokens);
+- stop-sequence: one of the caller's own stop strings.
 """
 
 from __future__ import annotations
@@ -31,15 +32,16 @@ class StopRules:
     suffix_overlap: bool = True
     line_end: bool = True
     max_lines: int = 0  # 0: no cap on lines
+    sequences: tuple[str, ...] = ()  # the caller's own stop strings (OpenAI's `stop`), cut before
 
     @classmethod
-    def raw(cls) -> StopRules:
-        """No rule at all: the model's own stop token or the token cap ends the completion."""
-        return cls(block_end=False, suffix_overlap=False, line_end=False, max_lines=0)
+    def raw(cls, sequences: tuple[str, ...] = ()) -> StopRules:
+        """No rule: the model's own stop token, the token cap or the caller's stop strings end it."""
+        return cls(block_end=False, suffix_overlap=False, line_end=False, max_lines=0, sequences=sequences)
 
     @property
     def any(self) -> bool:
-        return self.block_end or self.suffix_overlap or self.line_end or self.max_lines > 0
+        return self.block_end or self.suffix_overlap or self.line_end or self.max_lines > 0 or bool(self.sequences)
 
 
 @dataclass(frozen=True)
@@ -103,16 +105,39 @@ class Stopper:
         return floor
 
     def stable(self, text: str) -> str:
-        """The part of `text` no rule can take back any more: its complete lines, trimmed."""
-        if self.midline:
+        """The part of `text` no rule can take back any more: its complete lines, trimmed, and
+        nothing from where a stop string may be starting."""
+        if self.midline or "\n" not in text:
             return ""
-        return text[: text.rfind("\n") + 1].rstrip() if "\n" in text else ""
+        end = text.rfind("\n") + 1
+        start = text.rfind("\n", 0, end - 1) + 1  # of the last complete line, if it is not the cursor's
+        if start and self._overlap_pending(text[start : end - 1]):
+            end = start  # a short line like `];` is cut later if the next line repeats the suffix too
+        for seq in self.rules.sequences:
+            for i in range(max(0, len(text) - len(seq) + 1), len(text)):
+                if seq.startswith(text[i:]):
+                    end = min(end, i)
+                    break
+        return text[:end].rstrip()
+
+    def _overlap_pending(self, line: str) -> bool:
+        """A line too short to trust that repeats the suffix's first line: the next line decides its cut."""
+        following = self.following
+        short = len(following) >= 2 and len(following[0]) < 3
+        return self.rules.suffix_overlap and short and line.strip() == following[0]
 
     def check(self, text: str, final: bool = False) -> Cut | None:
         """The cut a rule makes in the completion `text` so far, or None to go on.
 
         With `final` the text is all there will be, so the last line counts as complete.
         """
+        found = [i for i in (text.find(seq) for seq in self.rules.sequences if seq) if i >= 0]
+        cut = self._rule_cut(text[: min(found)] if found else text, final or bool(found))
+        if found and (cut is None or cut.end >= min(found)):
+            return Cut(min(found), "stop-sequence")
+        return cut
+
+    def _rule_cut(self, text: str, final: bool) -> Cut | None:
         rules = self.rules
         lines = (self.lead + text).split("\n")
         first = lines[0]

@@ -18,7 +18,8 @@ import numpy as np
 from tokenizers import Tokenizer
 
 FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE = "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"
-STOP_NAMES = ("<|endoftext|>", "<|im_end|>", "<|fim_pad|>", "<|file_sep|>", "<|repo_name|>",
+FILE_SEP = "<|file_sep|>"
+STOP_NAMES = ("<|endoftext|>", "<|im_end|>", "<|fim_pad|>", FILE_SEP, "<|repo_name|>",
               FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE, "</s>", "<|end_of_text|>", "<|eot_id|>")
 
 
@@ -60,6 +61,13 @@ class Codec:
         stops.update(i for i in (eos_ids or []) if i is not None)
         self.stop_ids = frozenset(stops)
         self._pieces: dict[str, list[int]] = {}
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Identifies the vocabulary, so a client can tell it talks to an engine with its tokenizer."""
+        import hashlib
+
+        return hashlib.sha256(json.dumps(sorted(self.vocab.items())).encode()).hexdigest()[:16]
 
     def token_id(self, text: str) -> int | None:
         return self.vocab.get(text)

@@ -4,20 +4,21 @@ The engine has one KV cache, and `Runner.step` hands back buffers the next step 
 so two threads inside it silently mix up each other's completions. Language servers and
 daemons answer on many threads; they submit here instead. Each completion job carries its own
 cancel event, which the engine polls before prefill, between prefill chunks and between
-decoding steps; a job cancelled while still queued never touches the GPU.
+decoding steps; a job cancelled while still queued never touches the GPU. The order in which
+queued work runs is the scheduler's (scheduler.py): first in first out, or fair across clients.
 """
 
 from __future__ import annotations
 
-import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 from .engine import Completion, Engine, OnText
 from .errors import Cancelled
 from .request import ALL_ON, CompletionRequest, Switches
+from .scheduler import LOCAL, FairScheduler, FifoScheduler
 
 T = TypeVar("T")
 
@@ -25,15 +26,24 @@ T = TypeVar("T")
 class Job:
     """A queued or running completion: cancel it, wait for it, or follow its text as it grows."""
 
-    def __init__(self, request: CompletionRequest, switches: Switches, on_text: OnText | None):
+    def __init__(self, request: CompletionRequest, switches: Switches, on_text: OnText | None, client: str = LOCAL):
         self.request = request
         self.switches = switches
         self.on_text = on_text
+        self.client = client
+        self.document = request.document
         self.cancelled = threading.Event()
+        self.superseded = False
         self.future: Future[Completion] = Future()
 
     def cancel(self) -> None:
         self.cancelled.set()
+
+    def supersede(self) -> None:
+        """A newer request for the same document arrived: this one's answer is no longer wanted."""
+        if not self.future.done():
+            self.superseded = True
+            self.cancelled.set()
 
     def result(self, timeout: float | None = None) -> Completion:
         """The completion; raises what the engine raised (Cancelled, DoesNotFit, BadRequest, ...)."""
@@ -43,11 +53,25 @@ class Job:
         return self.future.done()
 
 
+class Call(Generic[T]):
+    """Any other engine operation (status, close_document, warm-up), run in queue order."""
+
+    def __init__(self, fn: Callable[[Engine], T], client: str = LOCAL):
+        self.fn = fn
+        self.client = client
+        self.future: Future[T] = Future()
+
+
 class EngineWorker:
     """Runs an Engine on a thread of its own; build it there too by passing a factory."""
 
-    def __init__(self, engine: Engine | Callable[[], Engine], name: str = "ahead-engine"):
-        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue()
+    def __init__(
+        self,
+        engine: Engine | Callable[[], Engine],
+        scheduler: FifoScheduler | FairScheduler | None = None,
+        name: str = "ahead-engine",
+    ):
+        self.scheduler = scheduler or FifoScheduler()
         self._ready: Future[Engine] = Future()
         self._thread = threading.Thread(target=self._run, args=(engine,), name=name, daemon=True)
         self._thread.start()
@@ -58,42 +82,50 @@ class EngineWorker:
         return self._ready.result()
 
     def pending(self) -> int:
-        return self._queue.qsize()
+        return self.scheduler.pending()
 
     def submit(
-        self, request: CompletionRequest, *, switches: Switches = ALL_ON, on_text: OnText | None = None
+        self,
+        request: CompletionRequest,
+        *,
+        switches: Switches = ALL_ON,
+        on_text: OnText | None = None,
+        client: str = LOCAL,
     ) -> Job:
-        job = Job(request, switches, on_text)
-        self._queue.put(lambda: self._complete(job))
+        """Queue a completion; raises Overloaded if the client already has too many queued."""
+        job = Job(request, switches, on_text, client)
+        self.scheduler.put(job)
         return job
 
-    def call(self, fn: Callable[[Engine], T]) -> Future[T]:
-        """Run `fn(engine)` on the engine thread, in queue order (status, close_document, warm-up)."""
-        future: Future[T] = Future()
-
-        def run() -> None:
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(fn(self.engine))
-                except BaseException as exc:  # handed to the caller, who decides
-                    future.set_exception(exc)
-
-        self._queue.put(run)
-        return future
+    def call(self, fn: Callable[[Engine], T], client: str = LOCAL) -> Future[T]:
+        """Run `fn(engine)` on the engine thread, in queue order."""
+        call = Call(fn, client)
+        self.scheduler.put(call)
+        return call.future
 
     def close(self, timeout: float | None = None) -> None:
         """Finish what is queued, then stop the thread."""
-        self._queue.put(None)
+        self.scheduler.close()
         self._thread.join(timeout)
 
     # -- the engine thread ----------------------------------------------------------------------
     def _run(self, engine: Engine | Callable[[], Engine]) -> None:
         try:
             self._ready.set_result(engine if isinstance(engine, Engine) else engine())
-        except BaseException as exc:
+        except BaseException as exc:  # handed to every caller through `engine`
             self._ready.set_exception(exc)
-        while (item := self._queue.get()) is not None:
-            item()
+        while (item := self.scheduler.get()) is not None:
+            if isinstance(item, Job):
+                self._complete(item)
+            else:
+                self._call(item)
+
+    def _call(self, call: Call) -> None:
+        if call.future.set_running_or_notify_cancel():
+            try:
+                call.future.set_result(call.fn(self.engine))
+            except Exception as exc:
+                call.future.set_exception(exc)
 
     def _complete(self, job: Job) -> None:
         if not job.future.set_running_or_notify_cancel():

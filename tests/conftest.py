@@ -7,7 +7,7 @@ random weights cannot, such as GGUF dequantization and Llama's Q/K permutation.
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -27,6 +27,17 @@ ARCHS = {
 }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Tests run torch on one CPU thread. On a shared 2-core machine a second intra-op thread waits for a
+    core someone else holds: a SmolLM2 decode step took 431 ms with two threads beside one busy process,
+    66 ms with one; tiny models only ever pay for the hand-offs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """The SmolLM2-135M GGUF: from the shared fixtures script when present, else ahead's own default fetch."""
@@ -38,7 +49,7 @@ def smollm2_gguf() -> Path:
     return default_model_path()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_config() -> Callable[..., PretrainedConfig]:
     """Factory: tiny_config("qwen2" | "llama", **overrides) -> a small HF config."""
 
@@ -48,7 +59,7 @@ def tiny_config() -> Callable[..., PretrainedConfig]:
     return make
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_model() -> Callable[[PretrainedConfig], tuple[torch.nn.Module, Checkpoint]]:
     """Factory: a seeded random HF model for a config (the reference) and its weights as a Checkpoint.
 
@@ -67,7 +78,7 @@ def tiny_model() -> Callable[[PretrainedConfig], tuple[torch.nn.Module, Checkpoi
     return make
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level BPE (the kind Qwen2 and Llama 3 use) trained in milliseconds on a code snippet."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -113,8 +124,6 @@ def tiny_engine(tiny_config, tiny_model, tiny_tokenizer):
     """Factory: tiny_engine("qwen2" | "llama", config={...}, **engine_options) -> an Engine on a tiny random model.
 
     The model has more ids than the tokenizer (512 vs ~290), like Qwen2.5's padded vocabulary.
-    Runs single-threaded: ops this small only pay for thread hand-offs, which on a busy CPU
-    turn milliseconds into seconds.
     """
     import dataclasses
 
@@ -126,10 +135,7 @@ def tiny_engine(tiny_config, tiny_model, tiny_tokenizer):
         opts = EngineOptions(device="cpu", dtype="fp32", max_seq_len=512, **options)
         return Engine(opts, log=lambda _: None, checkpoint=ckpt)
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield make
-    torch.set_num_threads(threads)
+    return make
 
 
 def complete(engine, prefix: str, suffix: str = "", *, reuse_kv: bool = True, persistent_pool: bool = True,

@@ -74,13 +74,53 @@ def test_lookahead_equals_ar_with_graphs(cfg):
 
 
 def test_bf16_runs():
-    model = tiny_model(torch.bfloat16)
-    runner = Runner(model, use_graphs=True)
-    prompt = list(range(1, 200))
-    runner.prefill(prompt[:-1], 0)
-    state = DecodeState(list(prompt), 32, frozenset())
-    decode_lookahead(runner, state, LookaheadConfig(8, 4, 8), NGramPool(4))
-    assert len(state.new) == 32
+    """bf16, what CUDA serves, computes fp32's logits to within bf16's precision on the served path (graphed
+    prefill, decode and lookahead steps across a cache bucket boundary), and greedy picks what fp32 picks
+    nearly everywhere (near-ties may flip). Both run teacher-forced along fp32's greedy continuation, so
+    one early near-tie flip cannot make the rest of the comparison meaningless."""
+    from engine.lookahead import step_shape
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, rope_theta=1e6, tie_word_embeddings=False,
+    )
+    hf = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():  # HF's 0.02-scale init makes attention uniform: positions and values would not matter
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    ckpt = Checkpoint(config, None, hf.state_dict(), "tiny")
+
+    def runner(dtype: torch.dtype) -> Runner:
+        return Runner(build_model(ckpt, torch.device("cuda"), dtype, 2048), use_graphs=True)
+
+    prompt = torch.randint(0, 512, (240,)).tolist()
+    ref = runner(torch.float32)
+    ref.prefill(prompt[:-1], 0)
+    state = DecodeState(list(prompt), 40, frozenset())
+    decode_ar(ref, state)
+    seq = state.seq  # 280 tokens: decoding crosses the 256-slot bucket, so two graphs per shape run
+    la = step_shape(LookaheadConfig(8, 4, 8))
+    logits = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        r = runner(dtype)
+        r.prefill(seq[: len(prompt) - 1], 0)
+        rows = []
+        for pos in range(len(prompt) - 1, len(seq) - 1):
+            _, out = r.step(DECODE, [seq[pos]], pos)
+            rows.append(out[0].float().clone())
+        _, out = r.step(la, seq[-la.size :], len(seq) - la.size)  # a lookahead-shaped step over known tokens
+        logits[dtype] = (torch.stack(rows), out.float().clone())
+    (fp32, fp32_la), (bf16, bf16_la) = logits[torch.float32], logits[torch.bfloat16]
+    assert torch.equal(fp32.argmax(-1), torch.tensor(seq[len(prompt) :], device=fp32.device))  # teacher = fp32 greedy
+    # bf16 keeps 8 significant bits: its roundings left errors up to 0.1 of the logits' spread here (H200,
+    # 2026-11, 4 seeds); RoPE angles rounded to bf16, for one, err by 1.3 to 2 spreads on the same model.
+    tol = 0.25 * fp32.std().item()
+    assert (bf16 - fp32).abs().max().item() < tol
+    assert (bf16_la - fp32_la).abs().max().item() < tol
+    # Greedy: the same token nearly everywhere (measured 95-98%); only near-ties may flip.
+    agree = (bf16.argmax(-1) == fp32.argmax(-1)).float().mean().item()
+    assert agree >= 0.9, f"bf16 picks fp32's token at {agree:.0%} of positions"
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 0.1)])
@@ -105,3 +145,34 @@ def test_triton_kernels_match_torch_path(monkeypatch, dtype, tol):
     for fused, plain in zip(results[0][0], results[1][0], strict=True):
         assert (fused - plain).abs().max() < tol
     assert (results[0][1] - results[1][1]).abs().max() < tol
+
+
+def test_after_warm_up_decoding_captures_no_graph():
+    """warm_up captures every graph requests replay: prefill chunks, AR and lookahead at any cache length."""
+    from engine.lookahead import step_shape
+    from engine.warmup import warm_up
+
+    model = tiny_model(torch.float32, max_seq_len=1024)
+    runner = Runner(model, use_graphs=True)
+    cfg = LookaheadConfig(8, 4, 8)
+    captured = warm_up(runner, [step_shape(cfg)], log=lambda _: None)
+    assert captured == len(runner.graphs) > 0
+    torch.manual_seed(2)
+    ids = torch.randint(0, 512, (1024,)).tolist()
+    for n in (5, 37, 300, 700, 1024 - 60 - 49 - 10):  # the last one decodes to the cache's end
+        for la in (False, True):
+            runner.prefill(ids[: n - 1], 0)
+            state = DecodeState(ids[:n], 60, frozenset())
+            if la:
+                decode_lookahead(runner, state, cfg, NGramPool(cfg.ngram))
+            else:
+                decode_ar(runner, state)
+    runner.prefill(ids[100:400], 333)  # a reused prefix: chunks start mid-bucket
+    assert len(runner.graphs) == captured
+    eager = Runner(model, use_graphs=False)
+    for r in (runner, eager):
+        r.prefill(ids[:299], 0)
+    _, a = runner.step(DECODE, [ids[299]], 299)
+    a = a.clone()
+    _, b = eager.step(DECODE, [ids[299]], 299)
+    assert torch.allclose(a, b, atol=1e-4)

@@ -14,27 +14,17 @@ import argparse
 import json
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
-from .bench import (
-    DEFAULT_CASES,
-    add_engine_flags,
-    capture_shapes,
-    engine_from_args,
-    format_table,
-    load_cases,
-    lookahead_config,
-    mean,
-    percentile,
-    progress,
-)
-from .engine import Completion, Engine
-from .errors import AheadError
-from .lookahead import LookaheadConfig, step_shape
-from .prompt import build_prompt
-from .request import CompletionRequest, Switches
-from .runner import DECODE, causal_shape
-from .stops import StopRules
+from .. import flags
+from ..cli import read_source
+from ..engine import Completion, Engine
+from ..errors import AheadError
+from ..lookahead import LookaheadConfig, step_shape
+from ..prompt import build_prompt
+from ..request import CompletionRequest, Switches
+from ..runner import DECODE, causal_shape
+from ..stops import StopRules
+from .harness import capture_shapes, cases_path, engine_facts, format_table, load_cases, mean, percentile, progress
 
 SYNTH_TOKENS = 4000
 
@@ -136,32 +126,73 @@ def tokens_per_step(strokes: list[Keystroke]) -> float | None:
     return sum(len(s.completion.tokens) for s in strokes) / steps if steps else None
 
 
-def source_text(engine: Engine, args) -> tuple[str, str, list[Position]]:
-    """(name, text, cursor positions) from the flags."""
-    if args.file:
-        path = Path(args.file)
-        try:
-            text = path.read_text()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise AheadError(f"cannot read {path}: {exc}") from None
-        name, span = str(path), (0.0, 1.0)
-    else:
-        cases = load_cases(args.cases or DEFAULT_CASES)
-        text = synthesize_file(cases, lambda s: len(engine.codec.encode(s)))
-        name, span = f"synthesized from {len(cases)} bench cases", (2 / 3, 1.0)
+def positions_in(text: str, args: argparse.Namespace, span: tuple[float, float]) -> list[Position]:
     if args.line is not None:
-        positions = [position_at(text, args.line, args.col, args.chars)]
+        return [position_at(text, args.line, args.col, args.chars)]
+    return spread_positions(text, args.positions, args.chars, *span)
+
+
+@dataclass
+class Source:
+    """What to type into, settled before the model loads; a file synthesized from the cases needs
+    the tokenizer, so its text and positions come after (`place`)."""
+
+    name: str
+    text: str | None
+    cases: list[dict]
+    positions: list[Position]
+
+
+def check_args(args: argparse.Namespace) -> tuple[Source, LookaheadConfig | None]:
+    """Everything the flags say that can be wrong, found before the model loads."""
+    if args.col is not None and args.line is None:
+        raise AheadError("--col needs --line")
+    lookahead = args.decoding == "lookahead"
+    cfg = flags.parse_lookahead(args.lookahead) if args.lookahead and lookahead else None
+    flags.check_fits(args, args.max_tokens, flags.step_tokens(args.decoding, cfg))
+    if args.file:
+        text = read_source(args.file)
+        source = Source(args.file, text, [], positions_in(text, args, (0.0, 1.0)))
     else:
-        positions = spread_positions(text, args.positions, args.chars, *span)
-    return name, text, positions
+        cases = load_cases(cases_path(getattr(args, "cases", None)))
+        source = Source(f"synthesized from {len(cases)} bench cases", None, cases, [])
+    return source, cfg
 
 
-def run_keystrokes(engine: Engine, args: argparse.Namespace) -> dict:
+def place(engine: Engine, source: Source, args: argparse.Namespace) -> tuple[str, list[Position]]:
+    """(text, cursor positions): a synthesized file's start is boilerplate, so its cursors go in the last third."""
+    if source.text is not None:
+        return source.text, source.positions
+    text = synthesize_file(source.cases, lambda s: len(engine.codec.encode(s)))
+    return text, positions_in(text, args, (2 / 3, 1.0))
+
+
+def per_token_costs(colds: list[Completion], warm: list[Completion]) -> dict:
+    """Prefill cost per token, cold and warm, and the fixed cost of a request that prefilled nothing.
+
+    A ratio of cold to warm prefill time means nothing when a warm request prefills ~0 tokens
+    (it divides by the fixed cost), so each side is reported on its own terms.
+    """
+    prefilling = [c for c in warm if c.prefill_tokens > 0]
+    free = [c for c in warm if c.prefill_tokens == 0]
+    cold_tokens = sum(c.prompt_tokens for c in colds)
+    warm_tokens = sum(c.prefill_tokens for c in prefilling)
+    return {
+        "cold_prefill_ms_per_token": sum(c.prefill_ms for c in colds) / cold_tokens if cold_tokens else None,
+        "warm_prefill_ms_per_token": sum(c.prefill_ms for c in prefilling) / warm_tokens if warm_tokens else None,
+        "warm_requests_prefilling": len(prefilling),
+        "warm_prefill_tokens_mean": warm_tokens / len(prefilling) if prefilling else None,
+        "fixed_prefill_ms_p50": percentile([c.prefill_ms for c in free], 50),
+        "warm_requests_prefill_free": len(free),
+    }
+
+
+def run_keystrokes(engine: Engine, args: argparse.Namespace, source: Source, cfg: LookaheadConfig | None) -> dict:
     """Replay typing at each position; a plain dict, ready for JSON."""
-    if args.chars < 1:
-        raise AheadError("--chars must be at least 1")
-    cfg = lookahead_config(args.lookahead, engine) if args.decoding == "lookahead" else None
-    name, text, positions = source_text(engine, args)
+    if args.decoding == "lookahead":
+        cfg = cfg or engine.default_lookahead()
+    text, positions = place(engine, source, args)
+    name = source.name
 
     shapes = [DECODE, *(causal_shape(n) for n in engine.runner.graph_prefill_sizes)]
     spans = [(n - 2, n + args.chars + args.max_tokens)
@@ -201,13 +232,8 @@ def run_keystrokes(engine: Engine, args: argparse.Namespace) -> dict:
             })
     colds = [cold for cold, _ in pooled]
     cold_tokens = [c.prompt_tokens for c in colds]
-    cold_ms = percentile([c.prefill_ms for c in colds], 50)
-    warm_ms = percentile([r["prefill_ms"] for r in per_request], 50)
     return {
-        "model": engine.model_name,
-        "engine": engine.describe(),
-        "device": engine.device_name(),
-        "dtype": str(engine.dtype).removeprefix("torch."),
+        **engine_facts(engine),
         "file": name,
         "decoding": args.decoding,
         "lookahead": str(cfg) if cfg else None,
@@ -217,13 +243,13 @@ def run_keystrokes(engine: Engine, args: argparse.Namespace) -> dict:
             for p, c, n in zip(positions, colds, cold_tokens, strict=True)
         ],
         "cold_prompt_tokens": percentile(cold_tokens, 50),
-        "cold_prefill_ms": cold_ms,
-        "warm_prefill_ms_p50": warm_ms,
+        "cold_prefill_ms": percentile([c.prefill_ms for c in colds], 50),
+        "warm_prefill_ms_p50": percentile([r["prefill_ms"] for r in per_request], 50),
         "prefill_tokens_p50": percentile([r["prefill_tokens"] for r in per_request], 50),
+        **per_token_costs(colds, [s.completion for s in warm]),
         "ttft_ms_p50": percentile([r["ttft_ms"] for r in per_request], 50),
         "latency_ms_p50": percentile([r["time_ms"] for r in per_request], 50),
         "latency_ms_p95": percentile([r["time_ms"] for r in per_request], 95),
-        "cold_warm_prefill_ratio": cold_ms / warm_ms if warm_ms else None,
         "identical": all(same) if same else None,
         "identical_share": sum(same) / len(same) if same else None,
         "tokens_per_step_persistent_pool": tokens_per_step(warm),
@@ -237,9 +263,10 @@ def run_keystrokes(engine: Engine, args: argparse.Namespace) -> dict:
 # -- printing -------------------------------------------------------------------------------------
 def report(result: dict) -> str:
     rows = [[k, result[k]] for k in (
-        "cold_prompt_tokens", "cold_prefill_ms", "prefill_tokens_p50", "warm_prefill_ms_p50", "cold_warm_prefill_ratio",
-        "ttft_ms_p50", "latency_ms_p50", "latency_ms_p95", "step_ms_mean", "tokens_per_step_persistent_pool",
-        "tokens_per_step_fresh_pool", "identical_share", "requests",
+        "cold_prompt_tokens", "cold_prefill_ms", "cold_prefill_ms_per_token", "prefill_tokens_p50",
+        "warm_prefill_ms_p50", "warm_requests_prefilling", "warm_prefill_tokens_mean", "warm_prefill_ms_per_token",
+        "warm_requests_prefill_free", "fixed_prefill_ms_p50", "ttft_ms_p50", "latency_ms_p50", "latency_ms_p95",
+        "step_ms_mean", "tokens_per_step_persistent_pool", "tokens_per_step_fresh_pool", "identical_share", "requests",
     )]
     cursors = "; ".join(f"{p['line']}:{p['col']} types {p['typed']!r}" for p in result["positions"])
     head = (f"{result['engine']}: {result['file']}, {result['decoding']}"
@@ -249,8 +276,9 @@ def report(result: dict) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    engine = engine_from_args(args)
-    result = run_keystrokes(engine, args)
+    source, cfg = check_args(args)
+    engine = flags.engine_from_args(args)
+    result = run_keystrokes(engine, args, source, cfg)
     out = sys.stderr if args.json else sys.stdout
     if args.json:
         print(json.dumps(result))
@@ -260,30 +288,3 @@ def main(args: argparse.Namespace) -> int:
         bad = [f"{r['position']}/{r['typed']}" for r in result["per_request"] if r["identical"] is False]
         print(f"MISMATCH warm vs cold completion at position/keystroke {', '.join(bad)}", file=out)
     return 0
-
-
-def add_arguments(parser: argparse.ArgumentParser, suppress_engine_defaults: bool = False) -> None:
-    add_engine_flags(parser, suppress=suppress_engine_defaults)
-    parser.add_argument("--file", help="source file to type into (default: one synthesized from the bench cases)")
-    # Suppressed too, so that `ahead bench --cases F keystrokes` keeps F.
-    parser.add_argument("--cases", default=argparse.SUPPRESS if suppress_engine_defaults else None,
-                        help=f"cases to synthesize the file from (default: {DEFAULT_CASES})")
-    parser.add_argument("--line", type=int, help="0-based cursor line (default: spread positions)")
-    parser.add_argument("--col", type=int, help="0-based cursor column (default: --chars before the line's end)")
-    parser.add_argument("--chars", type=int, default=24, help="characters typed per position")
-    parser.add_argument("--positions", type=int, default=3, help="cursor positions when --line is not given")
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--decoding", choices=("lookahead", "ar"), default="lookahead")
-    parser.add_argument("--lookahead", help="W,N,G (default: the tuned or built-in config)")
-    parser.add_argument("--no-check", dest="check", action="store_false",
-                        help="skip comparing each warm completion with a cold one")
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "keystrokes", help="replay typing and measure per-keystroke latency and KV reuse",
-        description="Type the characters after a cursor back one by one; measure prefill, TTFT and latency.",
-    )
-    add_arguments(parser, suppress_engine_defaults=True)
-    parser.set_defaults(func=main)
-    return parser

@@ -3,7 +3,8 @@
 Each config is a trade: a wider window and more candidates accept more tokens per step, but
 make every step bigger, and past the point where a step stops being bandwidth-bound they cost
 more than they gain. Only measuring on real cases settles it; the winner is stored for the
-engine to use as its default. `--shape` times single steps of a model whose weights are not
+engine to use as its default when more than one config was compared (or `--store` says so):
+one measured config is no finding. `--shape` times single steps of a model whose weights are not
 here (random weights of its shape), so that a speedup can be projected for it from the
 tokens per step measured on a smaller model of the same family.
 """
@@ -21,25 +22,11 @@ from pathlib import Path
 
 import torch
 
-from .bench import (
-    DEFAULT_CASES,
-    add_engine_flags,
-    capture_shapes,
-    cases_path,
-    complete_case,
-    decode_spans,
-    engine_from_args,
-    format_table,
-    load_cases,
-    mean,
-    progress,
-    sync,
-    warm_engine,
-)
-from .default_model import default_model_path
-from .engine import Engine, EngineOptions
-from .errors import AheadError
-from .loading import (
+from .. import flags
+from ..default_model import default_model_path
+from ..engine import Engine
+from ..errors import AheadError
+from ..loading import (
     Checkpoint,
     gguf_tokenizer_and_config,
     kv_bytes,
@@ -49,11 +36,25 @@ from .loading import (
     stderr_log,
     weight_bytes,
 )
-from .lookahead import LookaheadConfig, step_shape
-from .runner import DECODE, StepShape
-from .tuning_store import store_tuned, tuning_key
+from ..lookahead import LookaheadConfig, step_shape
+from ..runner import DECODE, StepShape
+from ..tuning_store import store_tuned, tuning_key
+from .harness import (
+    capture_shapes,
+    cases_path,
+    check_out_dir,
+    complete_case,
+    decode_spans,
+    engine_facts,
+    format_table,
+    load_cases,
+    mean,
+    progress,
+    sync,
+    warm_engine,
+    write_chart,
+)
 
-H100_BANDWIDTH = 3.35e12  # B/s, H100 SXM HBM3
 QWEN2_COMMON = dict(rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=32768, use_sliding_window=False)
 SHAPES: dict[str, dict] = {
     "qwen2.5-coder-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
@@ -72,15 +73,12 @@ def int_list(text: str, flag: str) -> list[int]:
 
 def grid_configs(args: argparse.Namespace) -> list[LookaheadConfig]:
     """--grid "W,N,G;W,N,G" when given, else the product of --windows, --ngrams and --verify."""
-    try:
-        if args.grid:
-            configs = [LookaheadConfig.parse(part) for part in args.grid.split(";") if part.strip()]
-        else:
-            product = itertools.product(int_list(args.windows, "--windows"), int_list(args.ngrams, "--ngrams"),
-                                        int_list(args.verify, "--verify"))
-            configs = [LookaheadConfig.parse(f"{w},{n},{g}") for w, n, g in product]
-    except ValueError as exc:
-        raise AheadError(str(exc)) from None
+    if args.grid:
+        configs = [flags.parse_lookahead(part, "--grid") for part in args.grid.split(";") if part.strip()]
+    else:
+        product = itertools.product(int_list(args.windows, "--windows"), int_list(args.ngrams, "--ngrams"),
+                                    int_list(args.verify, "--verify"))
+        configs = [flags.parse_lookahead(f"{w},{n},{g}", "--windows/--ngrams/--verify") for w, n, g in product]
     if not configs:
         raise AheadError("the grid is empty")
     return list(dict.fromkeys(configs))  # keep order, drop repeats
@@ -109,10 +107,8 @@ def decode_cases(engine: Engine, cases: list[dict], cfg: LookaheadConfig | None,
     }
 
 
-def run_tune(engine: Engine, args: argparse.Namespace) -> dict:
+def run_tune(engine: Engine, args: argparse.Namespace, cases: list[dict], configs: list[LookaheadConfig]) -> dict:
     """Sweep the grid on the cases; results sorted fastest first. Stores nothing (see `store_best`)."""
-    configs = grid_configs(args)
-    cases = load_cases(cases_path(args.cases), args.limit)
     warm_engine(engine, cases, [], args.max_tokens)
     ar = decode_cases(engine, cases, None, args.max_tokens)
     spans = decode_spans(engine, cases, args.max_tokens)
@@ -129,10 +125,7 @@ def run_tune(engine: Engine, args: argparse.Namespace) -> dict:
         })
     results.sort(key=lambda r: -r["tok_s"])
     return {
-        "model": engine.model_name,
-        "engine": engine.describe(),
-        "device": engine.device_name(),
-        "dtype": str(engine.dtype).removeprefix("torch."),
+        **engine_facts(engine),
         "cases": len(cases),
         "max_tokens": args.max_tokens,
         "ar": {k: ar[k] for k in ("tok_s", "step_ms_mean", "tokens")},
@@ -141,10 +134,19 @@ def run_tune(engine: Engine, args: argparse.Namespace) -> dict:
     }
 
 
-def store_best(engine: Engine, result: dict) -> Path:
+def store_best(engine: Engine, result: dict, store: bool | None) -> dict:
+    """Make the fastest config the engine's default when more than one was compared, or `store` is
+    True (--store); `store` False (--no-store) never. What happened, for the report."""
     best = result["best"]
+    compared = len(result["results"])
+    if store is False:
+        return {"stored": False, "why": "--no-store"}
+    if store is None and compared < 2:
+        return {"stored": False, "why": "only one config was measured; pass --store to make it the default anyway"}
     summary = {k: best[k] for k in ("tok_s", "speedup_vs_ar", "tokens_per_step")}
-    return store_tuned(engine, LookaheadConfig.parse(best["config"]), summary)
+    path = store_tuned(engine, LookaheadConfig.parse(best["config"]), summary)
+    return {"stored": True, "config": best["config"], "path": str(path), "key": tuning_key(engine),
+            "compared": compared}
 
 
 # -- projecting a model size from random weights --------------------------------------------------
@@ -210,8 +212,7 @@ def shape_engine(args: argparse.Namespace) -> Engine:
     dtype = resolve_dtype(args.dtype, device)
     torch.manual_seed(0)
     ckpt = Checkpoint(config, tokenizer, random_state_dict(config, device, dtype), f"random-{args.shape}")
-    engine = Engine(EngineOptions(device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len),
-                    checkpoint=ckpt)
+    engine = flags.engine_from_args(args, checkpoint=ckpt)
     ckpt.state_dict.clear()  # the model holds what it uses; the unfused Q/K/V and gate/up copies can go
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -233,20 +234,21 @@ def time_step(engine: Engine, shape: StepShape, base: int, replays: int) -> floa
     return statistics.median(times)
 
 
-def run_shape(engine: Engine, args: argparse.Namespace) -> dict:
-    """Step times of every config against the AR step at `--context` tokens, and the bandwidth floor."""
-    configs = grid_configs(args)
-    context = args.context
-    if context + max(c.step_tokens for c in configs) > engine.runner.capacity:
-        raise AheadError(f"--context {context} plus a step does not fit --max-seq-len {engine.runner.capacity}")
-    real_tps: dict[str, float] = {}
-    if args.tokens_per_step_from:
-        try:
-            previous = json.loads(Path(args.tokens_per_step_from).read_text())
-            real_tps = {r["config"]: r["tokens_per_step"] for r in previous["results"] if r.get("tokens_per_step")}
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise AheadError(f"{args.tokens_per_step_from} is not a `ahead tune --json` output ({exc})") from None
+def tokens_per_step_from(path: str | None) -> dict[str, float]:
+    """{config: tokens per step} of an earlier `ahead tune --json` run on a real model."""
+    if not path:
+        return {}
+    try:
+        previous = json.loads(Path(path).read_text())
+        return {r["config"]: r["tokens_per_step"] for r in previous["results"] if r.get("tokens_per_step")}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise AheadError(f"--tokens-per-step-from {path} is not an `ahead tune --json` output ({exc})") from None
 
+
+def run_shape(engine: Engine, args: argparse.Namespace, configs: list[LookaheadConfig],
+              real_tps: dict[str, float]) -> dict:
+    """Step times of every config against the AR step at `--context` tokens, and the bandwidth floor."""
+    context = args.context
     g = torch.Generator().manual_seed(0)
     engine.runner.prefill(torch.randint(engine.model.args.vocab_size, (context,), generator=g).tolist(), 0)
     ar_ms = time_step(engine, DECODE, context, args.replays)
@@ -301,7 +303,7 @@ def report(result: dict) -> str:
     return head + "\n" + format_table(["W,N,G", "T", "tok/s", "x ar", "tok/step", "step ms", "same ar"], rows)
 
 
-def chart(path: str, result: dict) -> Path:
+def chart(path: Path, result: dict) -> Path:
     """One W x N heatmap per G, of tok/s (or, with --shape, the projected speedup or ar/step ratio)."""
     from .charts import heatmaps
 
@@ -323,50 +325,39 @@ def chart(path: str, result: dict) -> Path:
     return heatmaps(path, panels, title, label, row_name="W (window)", col_name="N (n-gram)")
 
 
-def main(args: argparse.Namespace) -> int:
+def check_args(args: argparse.Namespace) -> tuple[list[LookaheadConfig], list[dict], dict[str, float]]:
+    """Everything the flags say that can be wrong, found before the model loads: (configs, cases, and
+    with --shape the tokens per step of an earlier run)."""
+    configs = grid_configs(args)
+    step = max(c.step_tokens for c in configs)
+    check_out_dir(args)
     if args.shape:
-        engine = shape_engine(args)
-        result = run_shape(engine, args)
+        if args.shape not in SHAPES:
+            raise AheadError(f"unknown --shape '{args.shape}' (choose from {', '.join(SHAPES)})")
+        if args.context + step > args.max_seq_len:
+            raise AheadError(f"--context {args.context} plus a {step}-token step does not fit --max-seq-len "
+                             f"{args.max_seq_len}")
+        return configs, [], tokens_per_step_from(args.tokens_per_step_from)
+    cases = load_cases(cases_path(args.cases), args.limit)
+    flags.check_fits(args, args.max_tokens, step)
+    return configs, cases, {}
+
+
+def main(args: argparse.Namespace) -> int:
+    configs, cases, real_tps = check_args(args)
+    if args.shape:
+        result = run_shape(shape_engine(args), args, configs, real_tps)
     else:
-        engine = engine_from_args(args)
-        result = run_tune(engine, args)
-        if not args.no_store:
-            path = store_best(engine, result)
-            result["stored"] = {"path": str(path), "key": tuning_key(engine)}
-            print(f"ahead: stored lookahead {result['best']['config']} for {tuning_key(engine)} in {path}",
-                  file=sys.stderr)
-    if args.chart:
-        result["chart"] = str(chart(args.chart, result))
-        print(f"ahead: chart written to {result['chart']}", file=sys.stderr)
+        engine = flags.engine_from_args(args)
+        result = run_tune(engine, args, cases, configs)
+        result["stored"] = store_best(engine, result, args.store)
+        stored = result["stored"]
+        if stored["stored"]:
+            print(f"ahead: stored lookahead {stored['config']} (fastest of {stored['compared']}) as the default for "
+                  f"{stored['key']} in {stored['path']}", file=sys.stderr)
+        else:
+            print(f"ahead: stored no default ({stored['why']})", file=sys.stderr)
+    name = "tune-shape.png" if args.shape else "tune.png"
+    result["chart"] = write_chart(args, name, lambda path: chart(path, result))
     print(json.dumps(result) if args.json else report(result))
     return 0
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_engine_flags(parser)
-    parser.add_argument("--cases", help=f"JSON lines of cases (default: {DEFAULT_CASES} when present)")
-    parser.add_argument("--limit", type=int, default=8, help="first N cases")
-    parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--windows", default="4,8,12", help="W values")
-    parser.add_argument("--ngrams", default="3,4,5,6", help="N values")
-    parser.add_argument("--verify", default="4,8", help="G values")
-    parser.add_argument("--grid", help='explicit configs "W,N,G;W,N,G;..." (instead of the product)')
-    parser.add_argument("--no-store", action="store_true", help="do not make the best config the default")
-    parser.add_argument("--chart", default="tune.png", help="PNG heatmaps ('' for none)")
-    parser.add_argument("--shape", choices=list(SHAPES), help="time steps of random weights of this shape; "
-                        "--model then only provides the tokenizer")
-    parser.add_argument("--context", type=int, default=1024, help="--shape: tokens in the cache while timing")
-    parser.add_argument("--replays", type=int, default=50, help="--shape: timed replays per step (median)")
-    parser.add_argument("--bandwidth", type=float, default=H100_BANDWIDTH, help="--shape: memory bandwidth, B/s")
-    parser.add_argument("--tokens-per-step-from", help="--shape: a `tune --json` output on the real model, to "
-                        "project speedups from its tokens per step")
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "tune", help="find the fastest lookahead W,N,G and make it the default",
-        description="Sweep lookahead configs on completion cases; store the fastest for this model and device.",
-    )
-    add_arguments(parser)
-    parser.set_defaults(func=main)
-    return parser

@@ -1,12 +1,14 @@
 """PNG charts for the benchmark commands, drawn off-screen.
 
 matplotlib is imported lazily and pinned to the Agg backend: benchmarks run on headless
-GPU machines, and importing the engine must not pay for (or need) a plotting stack.
+GPU machines, and importing the engine must not pay for (or need) a plotting stack. It is an
+optional extra (`pip install 'ahead[charts]'`); without it `harness.write_chart` skips the chart.
 """
 
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 
@@ -27,10 +29,11 @@ def bar_chart(path: str | Path, values: dict[str, float], title: str, ylabel: st
     """One bar per label, its value written on top (tok/s per method)."""
     plt = _pyplot()
     labels = list(values)
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.3 * len(labels) + 1), 3.6))
+    width = max(4.0, 1.3 * len(labels) + 1)
+    fig, ax = plt.subplots(figsize=(width, 3.6))
     bars = ax.bar(labels, [values[k] for k in labels], color="#4c72b0")
     ax.bar_label(bars, labels=[_short(values[k]) for k in labels], padding=2, fontsize=8)
-    ax.set_title(title, fontsize=10)
+    ax.set_title("\n".join(textwrap.wrap(title, int(width * 11))), fontsize=10)  # ~11 characters an inch
     ax.set_ylabel(ylabel)
     ax.margins(y=0.15)
     fig.tight_layout()

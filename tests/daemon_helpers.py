@@ -1,0 +1,71 @@
+"""What the daemon tests share: a tiny model on disk, starting and stopping `ahead engine`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CODE = "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n\n"
+READY = "engine ready"
+
+
+def save_tiny_model(path: Path, tiny_config, tiny_model, tokenizer) -> Path:
+    """A tiny random Qwen2 saved as a model directory (config.json, safetensors, tokenizer.json)."""
+    model, _ = tiny_model(tiny_config("qwen2"))
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def start_engine(model_dir: Path, sock: Path, *extra: str, wait: bool = True) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "AHEAD_HOME": str(sock.parent / "home")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine.cli", "engine", "--model", str(model_dir), "--device", "cpu",
+         "--max-seq-len", "512", "--socket", str(sock), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    if wait:
+        wait_ready(proc)
+    return proc
+
+
+def stop(proc: subprocess.Popen) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def wait_ready(proc: subprocess.Popen, timeout: float = 120) -> str:
+    """The engine's ready line (it names its listeners); fails with its stderr if it exits first."""
+    lines = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line and proc.poll() is not None:
+            break
+        lines.append(line)
+        if READY in line:
+            return line
+    proc.kill()
+    raise AssertionError("the engine did not become ready:\n" + "".join(lines))
+
+
+def local_engine(model_dir: Path):
+    """The same model in-process: what the daemon's answers must equal."""
+    from engine.engine import Engine, EngineOptions
+
+    return Engine(EngineOptions(model=str(model_dir), device="cpu", dtype="fp32", max_seq_len=512), log=lambda _: None)
+
+
+def local_text(engine, prefix: str, suffix: str = "", **kw) -> str:
+    from conftest import complete
+
+    return complete(engine, prefix, suffix, type_through=False, reuse_kv=False, **kw).text
