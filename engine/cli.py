@@ -98,7 +98,7 @@ def complete_in_process(args: argparse.Namespace, prefix: str, suffix: str) -> d
     out = result.to_dict()
     out["tokens"] = len(result.tokens)
     out["step_ms_mean"] = sum(result.step_ms) / len(result.step_ms) if result.step_ms else 0.0
-    del out["step_ms"], out["accepted_per_step"]
+    del out["step_ms"]
     return out | {"model": engine.model_name, "engine": engine.describe(), "served_by": "in-process"}
 
 

@@ -111,8 +111,8 @@ def add_daemon(subparsers) -> argparse.ArgumentParser:
     )
     add_typing_flags(parser)
     parser.add_argument("--cancels", type=int_at_least(0), default=5, help="long completions to cancel mid-way")
-    parser.add_argument("--starts", type=int_at_least(0), default=0,
-                        help="also time `ahead engine` start to ready this many times (fresh cache first)")
+    parser.add_argument("--starts", type=int_at_least(1), default=1,
+                        help="start `ahead engine` this many times, timing start to ready; the last one serves")
     parser.set_defaults(func=run_daemon)
     return parser
 

@@ -1,12 +1,11 @@
 """`ahead bench daemon`: what serving through the socket costs on top of the engine itself.
 
-One process loads the model once, serves it on a private socket from a background thread (the
-real server and scheduler), and replays the same typing twice per cursor: through the socket
-with the real client, and in-process. Protocol overhead is each socket completion's client
-wall time minus the engine's own time for it. Cancel latency is the time from sending `cancel`
-to the `cancelled` answer while a long completion streams, set against one decoding step.
-With `--starts`, `ahead engine` is also started twice as a user would, in fresh processes: the
-first start converts the weights, the second finds them cached.
+`ahead engine` runs as a user runs it, in its own process (the last of `--starts` fresh starts:
+the first converts the weights, later ones find them cached); this process loads the same model
+too and replays the same typing twice per cursor: through the socket with the real client, and
+in-process. Protocol overhead is each socket completion's client wall time minus the engine's
+own time for it. Cancel latency is the time from sending `cancel` to the `cancelled` answer while
+a long completion streams, set against one decoding step.
 """
 
 from __future__ import annotations
@@ -26,30 +25,11 @@ from .. import flags
 from ..client import AsyncEngineClient, EngineClient, EngineError
 from ..engine import Engine
 from ..request import CompletionRequest, Switches
-from ..server import ServeOptions, serve
 from ..stops import StopRules
 from .harness import engine_facts, format_table, mean, percentile, progress
 from .keystrokes import Position, check_args, place
 
 READY = "engine ready"
-
-
-def serve_in_background(engine: Engine, socket: Path) -> threading.Thread:
-    """The real daemon on `socket`, in a thread with its own event loop, serving `engine`."""
-    ready = threading.Event()
-
-    def log(line: str) -> None:
-        if READY in line:
-            ready.set()
-
-    thread = threading.Thread(
-        target=lambda: asyncio.run(serve(ServeOptions(socket=socket), lambda: engine, log, handle_signals=False)),
-        name="ahead-bench-daemon", daemon=True,
-    )
-    thread.start()
-    if not ready.wait(600):
-        raise RuntimeError("the in-process daemon did not start")
-    return thread
 
 
 def typing(text: str, pos: Position) -> list[tuple[str, str]]:
@@ -118,32 +98,41 @@ async def cancel_once(socket: Path, prefix: str, suffix: str, args) -> tuple[flo
         await client.close()
 
 
-def time_starts(args: argparse.Namespace, count: int) -> list[float]:
-    """Seconds from `ahead engine` starting to its ready line, `count` times in fresh processes sharing
-    a new cache folder: the first converts weights, later ones load the cache."""
-    home = tempfile.mkdtemp(prefix="ahead-starts-")
-    cmd = [sys.executable, "-m", "engine.cli", "engine", "--socket", str(Path(home) / "s.sock")]
-    for flag in ("model", "device", "dtype", "max_seq_len"):
+def start_engines(args: argparse.Namespace, count: int, socket: Path) -> tuple[subprocess.Popen, list[float], bool]:
+    """Start `ahead engine` `count` times (at least once) in fresh processes, timing each from start to
+    its ready line; the last one is left running on `socket`. Also says whether the first start had to
+    convert the weights (the cache folder, AHEAD_HOME, did not hold them yet)."""
+    from ..loading import resolve_device, resolve_dtype
+    from ..weight_cache import cache_path
+
+    model = Path(args.model).expanduser() if args.model else None
+    converted = bool(model and model.suffix == ".gguf" and not cache_path(
+        model, resolve_dtype(args.dtype, resolve_device(args.device))).exists())
+    cmd = [sys.executable, "-m", "engine.cli", "engine", "--socket", str(socket)]
+    for flag in ("model", "device", "dtype", "max_seq_len", "prefix_tokens", "suffix_tokens", "threads"):
         value = getattr(args, flag, None)
         if value is not None:
             cmd += [f"--{flag.replace('_', '-')}", str(value)]
-    seconds = []
-    for _ in range(count):
+    seconds: list[float] = []
+    for k in range(max(1, count)):
         started = time.perf_counter()
-        proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "AHEAD_HOME": home})
+        proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
         for line in proc.stderr:
             print(line, end="", file=sys.stderr)
             if READY in line:
                 seconds.append(time.perf_counter() - started)
                 break
-        proc.terminate()
-        proc.wait(60)
-    return seconds
+        else:
+            raise RuntimeError(f"`ahead engine` exited with {proc.wait()} before it was ready")
+        if k < max(1, count) - 1:
+            proc.terminate()
+            proc.wait(60)
+    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # keep its pipe drained
+    return proc, seconds, converted
 
 
 def run_daemon_bench(engine: Engine, args: argparse.Namespace, source, socket: Path) -> dict:
     text, positions = place(engine, source, args)
-    serve_in_background(engine, socket)
     via_socket, local = [], []
     with EngineClient(socket, name="bench") as client:
         for i, pos in enumerate(progress(positions, "typing", "position")):
@@ -160,9 +149,9 @@ def run_daemon_bench(engine: Engine, args: argparse.Namespace, source, socket: P
     cancels = [asyncio.run(cancel_once(socket, text[: pos.offset], text[pos.offset :], args))
                for _ in range(args.cancels)]
     cancel_ms = [ms for ms, _ in cancels if ms == ms]
-    stop = EngineClient(socket, name="bench")
-    stop.shutdown()
-    stop.close()
+    # One step of that same long completion, in-process: what a cancel may have to wait for.
+    same_prompt = replay_local(engine, args, [(text[: pos.offset], text[pos.offset :])], "bench-cancel-steps")
+    cancel_step_ms = mean(same_prompt[0]["step_ms"])
     return {
         **engine_facts(engine),
         "decoding": args.decoding,
@@ -179,7 +168,8 @@ def run_daemon_bench(engine: Engine, args: argparse.Namespace, source, socket: P
         "step_ms_mean": step_ms,
         "cancel_ms_p50": percentile(cancel_ms, 50),
         "cancel_ms_max": max(cancel_ms) if cancel_ms else None,
-        "cancel_in_steps_max": max(cancel_ms) / step_ms if cancel_ms and step_ms else None,
+        "cancel_step_ms_mean": cancel_step_ms,
+        "cancel_in_steps_max": max(cancel_ms) / cancel_step_ms if cancel_ms and cancel_step_ms else None,
         "cancels": [{"ms": ms, "tokens_before": tokens} for ms, tokens in cancels],
     }
 
@@ -187,7 +177,8 @@ def run_daemon_bench(engine: Engine, args: argparse.Namespace, source, socket: P
 def report(result: dict) -> str:
     keys = ("requests", "socket_latency_ms_p50", "socket_latency_ms_p95", "in_process_latency_ms_p50",
             "in_process_latency_ms_p95", "protocol_overhead_ms_p50", "protocol_overhead_ms_p95", "cold_socket_ms_p50",
-            "same_text_share", "step_ms_mean", "cancel_ms_p50", "cancel_ms_max", "cancel_in_steps_max",
+            "same_text_share", "step_ms_mean", "cancel_ms_p50", "cancel_ms_max", "cancel_step_ms_mean",
+            "cancel_in_steps_max",
             "start_to_ready_s")
     rows = [[k, result.get(k)] for k in keys if k in result]
     head = f"{result['engine']}: keystrokes through the socket vs in-process, {result['decoding']}"
@@ -196,13 +187,18 @@ def report(result: dict) -> str:
 
 def main(args: argparse.Namespace) -> int:
     source, _ = check_args(args)
-    starts = time_starts(args, args.starts) if args.starts else []
-    engine = flags.engine_from_args(args)
-    engine.warmup()
     with tempfile.TemporaryDirectory(prefix="ahead-bench-") as tmp:
         os.chmod(tmp, 0o700)
-        result = run_daemon_bench(engine, args, source, Path(tmp) / "engine.sock")
-    if starts:
-        result["start_to_ready_s"] = starts
+        socket = Path(tmp) / "engine.sock"
+        daemon, starts, converted = start_engines(args, args.starts, socket)
+        try:
+            engine = flags.engine_from_args(args)
+            engine.warmup()
+            result = run_daemon_bench(engine, args, source, socket)
+        finally:
+            daemon.terminate()
+            daemon.wait(60)
+    result["start_to_ready_s"] = starts
+    result["first_start_converted_weights"] = converted
     print(json.dumps(result) if args.json else report(result))
     return 0
