@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -292,16 +292,14 @@ def dequantize_gguf(path: Path, config, dtype: torch.dtype) -> dict[str, Tensor]
         return dict(item for item in pool.map(convert, reader.tensors) if item is not None)
 
 
-def fused_state_dict(hf: dict[str, Tensor], args: ModelArgs) -> dict[str, Tensor]:
+def fused_state_dict(hf: Mapping[str, Tensor], args: ModelArgs) -> dict[str, Tensor]:
     """Rename HF weights to ours, fusing Q/K/V and gate/up so each is one matmul."""
     out: dict[str, Tensor] = {
         "tok_embeddings.weight": hf["model.embed_tokens.weight"],
         "norm.weight": hf["model.norm.weight"],
     }
-    head = hf.get("lm_head.weight")
-    if head is None or args.tie_embeddings:
-        head = hf["model.embed_tokens.weight"]
-    out["output.weight"] = head
+    tied = args.tie_embeddings or "lm_head.weight" not in hf
+    out["output.weight"] = out["tok_embeddings.weight"] if tied else hf["lm_head.weight"]  # tied: one tensor
     for i in range(args.n_layers):
         p = f"model.layers.{i}."
         attn, mlp = p + "self_attn.", p + "mlp."
@@ -351,6 +349,22 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     return table[dtype]
 
 
+class OnDevice(Mapping):
+    """A read-only view of HF weights that hands each one out on `device` in `dtype`."""
+
+    def __init__(self, weights: dict[str, Tensor], device: torch.device, dtype: torch.dtype):
+        self.weights, self.device, self.dtype = weights, device, dtype
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self.weights[name].to(device=self.device, dtype=self.dtype)
+
+    def __iter__(self):
+        return iter(self.weights)
+
+    def __len__(self) -> int:
+        return len(self.weights)
+
+
 def build_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, max_seq_len: int) -> Transformer:
     """Our Transformer with the checkpoint's weights and an allocated KV cache on `device`."""
     try:
@@ -368,8 +382,10 @@ def build_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, max_
     with torch.device("meta"):
         model = Transformer(args, max_seq_len)
     try:
-        state = fused_state_dict(ckpt.state_dict, args)
-        model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True, strict=True)
+        # Each weight goes to the device as it is fused: a GPU concatenates Q/K/V and gate/up in
+        # milliseconds (a CPU took ~1.5 s for the 1.5B), and only one layer's parts are extra at a time.
+        state = fused_state_dict(OnDevice(ckpt.state_dict, device, dtype), args)
+        model.load_state_dict(state, assign=True, strict=True)
     except KeyError as exc:
         raise AheadError(
             f"the checkpoint lacks the weight {exc}; it is incomplete or not a {args.arch} model"

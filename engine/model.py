@@ -197,7 +197,9 @@ class Transformer(nn.Module):
         super().__init__()
         self.args = args
         self.max_seq_len = max_seq_len
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        # An explicit (empty) weight skips the init, which is ~1 s for Qwen's vocabulary even on
+        # the meta device; real weights are assigned by loading.build_model anyway.
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim, _weight=torch.empty(args.vocab_size, args.dim))
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)

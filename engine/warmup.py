@@ -3,9 +3,10 @@
 Requests use the one-token decode step, the lookahead step(s), and prefill chunks padded to
 `runner.graph_prefill_sizes`, each at every visible-length bucket a step based anywhere in the cache
 can reach; captured lazily, a user typing pays ~60 ms per new (shape, bucket) and seconds on the first
-request. Measured on an H200, Qwen2.5-Coder-1.5B shape, 4096 slots: 111 graphs in 8.8 s (20.8 s on a
-fresh machine, where Triton also compiles its kernels), and the first 3.1k-token request then takes
-180 ms instead of 4.9 s. The steps write junk K/V: the caller must treat the working cache as invalid.
+request. Measured on an H200, Qwen2.5-Coder-1.5B shape, 4096 slots: 111 graphs (five prefill sizes
+then) in 8.8 s (20.8 s on a fresh machine, where Triton also compiles its kernels), and the first
+3.1k-token request then took 180 ms instead of 4.9 s. The steps write junk K/V: the caller must
+treat the working cache as invalid.
 """
 
 from __future__ import annotations

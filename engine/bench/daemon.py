@@ -24,7 +24,7 @@ from pathlib import Path
 from .. import flags
 from ..client import AsyncEngineClient, EngineClient, EngineError
 from ..engine import Engine
-from ..request import CompletionRequest, Switches
+from ..request import CompletionRequest
 from ..stops import StopRules
 from .harness import engine_facts, format_table, mean, percentile, progress
 from .keystrokes import Position, check_args, place
@@ -46,7 +46,7 @@ def replay_socket(client: EngineClient, args, strokes: list[tuple[str, str]], do
                                  decoding=args.decoding, lookahead=args.lookahead, stop="raw")
         wall = (time.perf_counter() - started) * 1e3
         out.append({"wall_ms": wall, "engine_ms": result["time_ms"], "overhead_ms": wall - result["time_ms"],
-                    "text": result["text"]})
+                    "text": result["text"], "type_through": result["type_through"]})
     client.close_document(document)
     return out
 
@@ -58,9 +58,9 @@ def replay_local(engine: Engine, args, strokes: list[tuple[str, str]], document:
         request = CompletionRequest(prefix, suffix, document=document, max_tokens=args.max_tokens,
                                     decoding=args.decoding, lookahead=cfg, stop=StopRules.raw())
         started = time.perf_counter()
-        completion = engine.complete(request, switches=Switches(type_through=False))
+        completion = engine.complete(request)  # all features on, as the daemon serves it
         out.append({"wall_ms": (time.perf_counter() - started) * 1e3, "text": completion.text,
-                    "step_ms": completion.step_ms})
+                    "step_ms": completion.step_ms, "type_through": completion.type_through})
     engine.close_document(document)
     return out
 
@@ -164,6 +164,11 @@ def run_daemon_bench(engine: Engine, args: argparse.Namespace, source, socket: P
         "protocol_overhead_ms_p50": percentile([r["overhead_ms"] for r in sock], 50),
         "protocol_overhead_ms_p95": percentile([r["overhead_ms"] for r in sock], 95),
         "cold_socket_ms_p50": percentile([rs[0]["wall_ms"] for rs in via_socket], 50),
+        # Keystrokes that typed into the last suggestion are answered from it, without the model.
+        "type_through_share_socket": mean([float(r["type_through"]) for r in sock]),
+        "type_through_share_in_process": mean([float(r["type_through"]) for r in loc]),
+        "model_latency_ms_p50_socket": percentile([r["wall_ms"] for r in sock if not r["type_through"]], 50),
+        "model_latency_ms_p95_socket": percentile([r["wall_ms"] for r in sock if not r["type_through"]], 95),
         "same_text_share": sum(same) / len(same) if same else None,
         "step_ms_mean": step_ms,
         "cancel_ms_p50": percentile(cancel_ms, 50),
@@ -177,6 +182,8 @@ def run_daemon_bench(engine: Engine, args: argparse.Namespace, source, socket: P
 def report(result: dict) -> str:
     keys = ("requests", "socket_latency_ms_p50", "socket_latency_ms_p95", "in_process_latency_ms_p50",
             "in_process_latency_ms_p95", "protocol_overhead_ms_p50", "protocol_overhead_ms_p95", "cold_socket_ms_p50",
+            "type_through_share_socket", "type_through_share_in_process", "model_latency_ms_p50_socket",
+            "model_latency_ms_p95_socket",
             "same_text_share", "step_ms_mean", "cancel_ms_p50", "cancel_ms_max", "cancel_step_ms_mean",
             "cancel_in_steps_max",
             "start_to_ready_s")
