@@ -132,7 +132,7 @@ def tiny_engine(tiny_config, tiny_model, tiny_tokenizer):
     def make(arch: str, config: dict | None = None, **options):
         _, ckpt = tiny_model(tiny_config(arch, **(config or {})))
         ckpt = dataclasses.replace(ckpt, tokenizer=tiny_tokenizer)
-        opts = EngineOptions(device="cpu", dtype="fp32", max_seq_len=512, **options)
+        opts = EngineOptions(**{"device": "cpu", "dtype": "fp32", "max_seq_len": 512, **options})
         return Engine(opts, log=lambda _: None, checkpoint=ckpt)
 
     return make

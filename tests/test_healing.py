@@ -8,6 +8,7 @@ the first generated ones to re-cover its bytes, so "fibonacci" is completed.
 from __future__ import annotations
 
 import pytest
+from conftest import complete
 
 from engine.tokens import Codec
 
@@ -35,9 +36,9 @@ def indentation(line: str) -> str:
 @pytest.mark.slow
 def test_half_typed_identifier_is_continued(smollm2_engine) -> None:
     """The completion continues "fibon" into "fibonacci" and never repeats what was typed."""
-    kw = dict(max_tokens=8, decoding="ar", reuse_kv=False, type_through=False)
-    healed = smollm2_engine.complete(HALF_TYPED, document="healing-identifier", heal_tokens=True, **kw)
-    plain = smollm2_engine.complete(HALF_TYPED, document="healing-identifier", heal_tokens=False, **kw)
+    kw = dict(document="healing-identifier", max_tokens=8, decoding="ar", reuse_kv=False, type_through=False)
+    healed = complete(smollm2_engine, HALF_TYPED, heal=True, **kw)
+    plain = complete(smollm2_engine, HALF_TYPED, heal=False, **kw)
     assert healed.text.startswith("acci"), healed.text
     assert not healed.text.startswith(("fib", "on", "self")), healed.text
     codec = smollm2_engine.codec
@@ -53,9 +54,8 @@ def test_half_typed_identifier_is_continued(smollm2_engine) -> None:
 @pytest.mark.slow
 def test_trailing_indentation_is_not_doubled(smollm2_engine) -> None:
     """After "\\n    " the completion carries on at that indentation, without extra spaces or an empty line."""
-    result = smollm2_engine.complete(
-        INDENTED, document="healing-indent", max_tokens=8, decoding="ar", heal_tokens=True, type_through=False
-    )
+    result = complete(smollm2_engine, INDENTED, document="healing-indent", max_tokens=8, decoding="ar", heal=True,
+                      type_through=False)
     assert result.text and not result.text[0].isspace(), repr(result.text)
     last_line = INDENTED.rsplit("\n", 1)[1]
     line_above = INDENTED.rstrip(" ").rsplit("\n", 2)[1]

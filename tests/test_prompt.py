@@ -6,11 +6,17 @@ these tests need no weights.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
+import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from engine.errors import AheadError
 from engine.prompt import PromptBudget, build_prompt, prefix_window, suffix_window
+from engine.request import CompletionRequest
+from engine.stops import StopRules
 from engine.tokens import Codec
 
 CONTROL = ["<|endoftext|>", "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"]
@@ -190,3 +196,36 @@ def test_pieces_cut_at_line_starts_and_encode_like_the_whole(fim_codec: Codec) -
         assert all(p.endswith("\n") for p in pieces[:-1])  # Qwen2's regex: every line start is safe
         assert [i for ids in fim_codec.encode_pieces(pieces) for i in ids] == fim_codec.encode(text)
     assert len(fim_codec.split_pieces(CODE)) == CODE.count("\n")
+
+
+# -- the engine's empty-prompt fallback ------------------------------------------------------------
+
+
+def tiny_llama_engine(tiny_config, tiny_model, tokenizer, **config):
+    """An engine on a tiny Llama (no FIM tokens: an empty prefix gives an empty prompt), and its HF reference."""
+    from engine.engine import Engine, EngineOptions
+
+    hf, ckpt = tiny_model(tiny_config("llama", eos_token_id=None, **config))
+    ckpt = dataclasses.replace(ckpt, tokenizer=tokenizer)
+    return Engine(EngineOptions(device="cpu", dtype="fp32", max_seq_len=256), log=lambda _: None, checkpoint=ckpt), hf
+
+
+def test_empty_document_completes_from_bos(tiny_config, tiny_model, tiny_tokenizer) -> None:
+    """Nothing before or after the cursor: the prompt is [bos] and the completion is the model's greedy
+    continuation of it (checked against transformers, token by token)."""
+    engine, hf = tiny_llama_engine(tiny_config, tiny_model, tiny_tokenizer, bos_token_id=7)
+    assert build_prompt(engine.codec, "", "", heal=True).ids == []
+    ids = [7]
+    with torch.no_grad():
+        for _ in range(8):
+            ids.append(int(hf(torch.tensor([ids])).logits[0, -1].argmax()))
+    for decoding in ("ar", "lookahead"):
+        out = engine.complete(CompletionRequest("", "", max_tokens=8, decoding=decoding, stop=StopRules.raw()))
+        assert out.prompt_tokens == 1 and out.tokens == ids[1:], decoding
+
+
+def test_empty_prompt_without_bos_is_a_clear_error(tiny_config, tiny_model, tiny_tokenizer) -> None:
+    engine, _ = tiny_llama_engine(tiny_config, tiny_model, tiny_tokenizer, bos_token_id=None)
+    with pytest.raises(AheadError, match="empty"):
+        engine.complete(CompletionRequest("", ""))
+    assert engine.complete(CompletionRequest("def f", max_tokens=4, stop=StopRules.raw())).tokens  # still serving

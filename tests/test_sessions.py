@@ -120,6 +120,48 @@ def test_tiny_eviction_under_a_small_budget(tiny_engine: Callable[..., Engine]) 
     assert engine.sessions.parked_bytes() <= engine.sessions.budget_bytes
 
 
+def test_tiny_least_recently_used_document_is_dropped(tiny_engine: Callable[..., Engine]) -> None:
+    """Past max_sessions, the document used longest ago is forgotten (not the oldest opened): its next request
+    starts cold but gives the same completion; the others keep their K/V."""
+    engine, reference = tiny_engine("qwen2"), tiny_engine("qwen2")
+    engine.sessions.max_sessions = 2
+    kw = dict(max_tokens=8, decoding="ar", type_through=False)
+    docs = {d: CODE.replace("fibonacci", name) for d, name in (("A", "fib"), ("B", "fact"), ("C", "gcd"))}
+    for d in ("A", "B", "A"):  # A opened first, but used last
+        complete(engine, docs[d], SUFFIX, document=d, **kw)
+    complete(engine, docs["C"], SUFFIX, document="C", **kw)
+    assert list(engine.sessions.sessions) == ["A", "C"]
+    b = complete(engine, docs["B"], SUFFIX, document="B", **kw)  # back: cold, and now A is the one dropped
+    assert b.reused_tokens == 0 and b.tokens == cold(reference, docs["B"], SUFFIX, **kw).tokens
+    assert set(engine.sessions.sessions) == {"B", "C"}
+    c = complete(engine, docs["C"], SUFFIX, document="C", **kw)
+    assert c.reused_tokens == c.prompt_tokens - 1  # kept: its K/V came back from its parked copy
+
+
+def test_tiny_out_of_memory_while_parking(tiny_engine: Callable[..., Engine], monkeypatch) -> None:
+    """No memory for a parked copy: parked documents are dropped, the engine keeps serving, and each of them
+    is cold next time but still right."""
+    engine, reference = tiny_engine("llama"), tiny_engine("llama")
+    kw = dict(max_tokens=8, decoding="lookahead", lookahead=CFG, type_through=False)
+    docs = {d: CODE.replace("fibonacci", name) for d, name in (("A", "fib"), ("B", "fact"), ("C", "gcd"))}
+    complete(engine, docs["A"], SUFFIX, document="A", **kw)
+    complete(engine, docs["B"], SUFFIX, document="B", **kw)  # A parked
+    assert engine.sessions.sessions["A"].parked is not None
+
+    def no_memory(n: int) -> torch.Tensor:
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(engine.runner, "save", no_memory)
+    out = complete(engine, docs["C"], SUFFIX, document="C", **kw)  # parking B fails
+    assert out.tokens == cold(reference, docs["C"], SUFFIX, **kw).tokens
+    assert engine.sessions.parked_bytes() == 0
+    monkeypatch.undo()
+    for d in ("A", "B"):
+        again = complete(engine, docs[d], SUFFIX, document=d, **kw)
+        assert again.reused_tokens == 0, d
+        assert again.tokens == cold(reference, docs[d], SUFFIX, **kw).tokens, d
+
+
 def test_tiny_zero_budget_never_reuses_but_matches(tiny_engine: Callable[..., Engine]) -> None:
     engine = tiny_engine("qwen2", kv_budget_mb=0)
     kw = dict(max_tokens=12, decoding="lookahead", lookahead=CFG, type_through=False)
