@@ -1,8 +1,8 @@
 """What the engine thread runs next when many editors share one GPU at batch size 1.
 
 Typing produces a request per keystroke, and only the newest one for a document matters: a
-new request for a document cancels the older ones (queued: they never run; running: the
-engine stops within one step). Each client has its own bounded queue and the engine takes
+new request for a document cancels the older ones (queued: they are answered `cancelled`
+without running; running: the engine stops within one step). Each client has its own bounded queue and the engine takes
 from the clients in turn, so a client flooding requests delays only itself.
 """
 
@@ -66,9 +66,9 @@ class FairScheduler:
             if document is not None:
                 older = self._latest.get(document)
                 if older is not None:
+                    # Queued, it stays queued: the engine thread answers it `cancelled` without
+                    # running it, so its caller hears back. Running, it stops within a step.
                     older.supersede()  # type: ignore[attr-defined]
-                    if older in queue:
-                        queue.remove(older)
                 self._latest[document] = item
             if len(queue) >= self.per_client:
                 raise Overloaded(f"client '{item.client}' has {len(queue)} requests queued; wait for answers")

@@ -256,3 +256,27 @@ def test_complete_command_uses_the_running_engine(daemon: Path, local, tmp_path:
     missing = subprocess.run([*cmd, "--socket", str(tmp_path / "none.sock")], capture_output=True, text=True,
                              timeout=120)
     assert missing.returncode == 2 and "no engine answers" in missing.stderr
+
+
+def test_a_superseded_request_still_queued_is_answered_without_running(daemon: Path, local) -> None:
+    """Queued behind a long completion, then replaced: its caller hears `cancelled` (it must not hang)."""
+
+    async def run():
+        client = await AsyncEngineClient.connect(daemon)
+        try:
+            long = asyncio.create_task(client.complete(prefix=CODE, max_tokens=300, stop="raw", document="busy",
+                                                       decoding="ar"))
+            await asyncio.sleep(0.05)
+            queued = asyncio.create_task(client.complete(prefix=CODE, max_tokens=8, stop="raw", document="q"))
+            await asyncio.sleep(0.02)
+            newest = await asyncio.wait_for(
+                client.complete(prefix=CODE + "y", max_tokens=8, stop="raw", document="q", decoding="ar"), 60)
+            return await asyncio.wait_for(asyncio.gather(queued, long, return_exceptions=True), 60), newest
+        finally:
+            await client.close()
+
+    (queued, long), newest = asyncio.run(run())
+    assert isinstance(queued, EngineError) and queued.code == "cancelled" and queued.data.get("superseded") is True
+    assert queued.data.get("tokens") == 0  # it never ran
+    assert not isinstance(long, Exception) and long["tokens"] > 0
+    assert newest["text"] == local_text(local, CODE + "y", max_tokens=8, decoding="ar")
