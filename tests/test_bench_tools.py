@@ -38,15 +38,6 @@ def quiet(_: str) -> None:
     pass
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a busy 2-core machine two threads contend and every step slows ~10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def smollm2_meta(smollm2_gguf):
     """SmolLM2's config and tokenizer (metadata only: the random model needs no real weights)."""

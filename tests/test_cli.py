@@ -16,7 +16,6 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import complete
 
 from engine import cli, flags
@@ -38,15 +37,6 @@ def main() -> None:
 JSON_KEYS = {"text": str, "tokens": int, "steps": int, "prefill_tokens": int, "time_ms": float,
              "accepted_per_step": list, "stop_reason": str, "model": str, "engine": str, "range": dict,
              "served_by": str}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a busy 2-core machine two threads contend and every step slows ~10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -280,3 +280,19 @@ def test_a_superseded_request_still_queued_is_answered_without_running(daemon: P
     assert queued.data.get("tokens") == 0  # it never ran
     assert not isinstance(long, Exception) and long["tokens"] > 0
     assert newest["text"] == local_text(local, CODE + "y", max_tokens=8, decoding="ar")
+
+
+def test_an_oversized_frame_is_refused_and_the_daemon_lives_on(daemon: Path) -> None:
+    from engine.protocol import MAX_FRAME_BYTES
+
+    with raw_connection(daemon) as s:
+        hello(s)
+        huge = msgpack.packb({"id": 2, "method": "complete", "params": {"prefix": "x" * (MAX_FRAME_BYTES + 1)}})
+        try:
+            s.sendall(huge)
+        except OSError:
+            pass  # the server may close before it has read everything
+        reply = read_frame(s)
+        assert reply is not None and reply["error"]["code"] == "bad_frame"
+    with EngineClient(daemon) as client:
+        assert client.complete(prefix=CODE, max_tokens=2, stop="raw")["tokens"] > 0

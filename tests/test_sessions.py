@@ -281,3 +281,32 @@ def test_common_prefix_matches_a_plain_scan() -> None:
     for a, b in [([], []), (base, []), (base, base), (base, base[:500]), (base, base[:10] + [-1] + base[11:]),
                  (base, base[:999] + [5]), ([1, 2], [2, 1]), (base[:1], base)]:
         assert common_prefix(a, b) == scan(a, b) == common_prefix(b, a)
+
+
+def test_tiny_out_of_memory_mid_request_is_an_error_and_the_engine_keeps_serving(
+    tiny_engine: Callable[..., Engine],
+) -> None:
+    """A request that runs out of device memory in a decode step raises OutOfMemory (code
+    out_of_memory), parked sessions are dropped, and the next request is served and right."""
+    from engine.errors import OutOfMemory
+
+    engine = tiny_engine("qwen2")
+    complete(engine, CODE, SUFFIX, document="parked", max_tokens=4, decoding="ar")
+    engine.sessions.activate("other")  # parks "parked"
+    assert engine.sessions.parked_bytes() > 0
+    real_step = engine.runner.step
+    calls: list[int] = []
+
+    def step(shape, *args, **kwargs):
+        calls.append(1)
+        if shape.size == 1 and len(calls) > 3:  # a few decode steps in
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_step(shape, *args, **kwargs)
+
+    engine.runner.step = step
+    with pytest.raises(OutOfMemory) as raised:
+        complete(engine, CODE, SUFFIX, document="A", max_tokens=12, decoding="ar")
+    assert raised.value.code == "out_of_memory" and engine.sessions.parked_bytes() == 0
+    engine.runner.step = real_step
+    again = complete(engine, CODE, SUFFIX, document="A", max_tokens=12, decoding="ar")
+    assert again.tokens == cold(engine, CODE, SUFFIX, max_tokens=12, decoding="ar").tokens

@@ -106,8 +106,8 @@ def add_keystrokes(subparsers) -> argparse.ArgumentParser:
 def add_daemon(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "daemon", help="the same typing through the engine daemon's socket and in-process",
-        description="Serve the model on a private socket and replay typing through it and in-process: latency, "
-                    "protocol overhead per completion, cancel latency; with --starts, start-to-ready times.",
+        description="Start `ahead engine` (timing start to ready) and replay typing through its socket and "
+                    "in-process: latency, protocol overhead per completion, cancel latency.",
     )
     add_typing_flags(parser)
     parser.add_argument("--cancels", type=int_at_least(0), default=5, help="long completions to cancel mid-way")
