@@ -188,6 +188,32 @@ def add_engine(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def cmd_lsp(args: argparse.Namespace) -> int:
+    """The language server (lsp_server/, the `lsp` extra), imported only here: engine/ never needs pygls."""
+    try:
+        from lsp_server.server import main as serve_lsp
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] in ("pygls", "lsprotocol", "cattrs", "attrs"):
+            raise AheadError("ahead lsp needs the lsp extra: pip install 'ahead[lsp]'") from None
+        raise
+    return serve_lsp(tcp=args.tcp, log_file=args.log_file, debug=args.debug)
+
+
+def add_lsp(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "lsp", help="run the language server (stdio) that shows completions in editors",
+        description="Serve LSP on stdio (or --tcp): inline completion, completion and ahead/status, backed by the "
+                    "running engine (started when none answers on its socket). Settings come from the client "
+                    "(initializationOptions, section 'ahead').",
+    )
+    p.add_argument("--tcp", type=host_port, metavar="HOST:PORT", help="serve LSP on TCP instead of stdio")
+    p.add_argument("--log-file", type=Path, default=None, help="log here instead of stderr (never stdout)")
+    p.add_argument("--debug", action="store_true",
+                   help="log LSP messages and completion text (off by default: logs hold no source code)")
+    p.set_defaults(func=cmd_lsp)
+    return p
+
+
 def add_complete(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("complete", help="complete a file at a cursor position",
                               description="Complete FILE at a 0-based cursor; the completion goes to stdout.")
@@ -213,9 +239,10 @@ def add_complete(subparsers) -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     parser = flags.Parser(prog="ahead", description="Fast multi-line code completion engine")
     parser.add_argument("--version", action="version", version=f"%(prog)s {flags.version()}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{complete,engine,bench,tune}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{complete,engine,lsp,bench,tune}")
     add_complete(sub)
     add_engine(sub)
+    add_lsp(sub)
     add_bench(sub)
     add_tune(sub)
     return parser

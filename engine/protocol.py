@@ -10,14 +10,15 @@ and says precisely what was wrong with those it refuses.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
 from .errors import AheadError, BadRequest
-from .lookahead import LookaheadConfig
-from .request import DECODINGS, CompletionRequest
 from .stops import StopRules
+
+if TYPE_CHECKING:
+    from .request import CompletionRequest
 
 PROTOCOL_VERSION = 1
 MAX_FRAME_BYTES = 16 << 20  # a frame holding a whole large file plus context stays far below this
@@ -119,7 +120,11 @@ def context_pieces(value: Any) -> tuple[tuple[str, str], ...]:
 
 
 def completion_request(params: dict) -> CompletionRequest:
-    """The `complete` method's params as a validated CompletionRequest."""
+    """The `complete` method's params as a validated CompletionRequest (server side: imports torch, which
+    the clients of this module never need)."""
+    from .lookahead import LookaheadConfig
+    from .request import DECODINGS, CompletionRequest
+
     lookahead = _get(params, "lookahead", str, None)
     try:
         cfg = LookaheadConfig.parse(lookahead) if lookahead else None

@@ -43,6 +43,12 @@ def run_daemon(args: argparse.Namespace) -> int:
     return main(args)
 
 
+def run_lsp(args: argparse.Namespace) -> int:
+    from .lsp import main
+
+    return main(args)
+
+
 def run_tune(args: argparse.Namespace) -> int:
     from .tune import main
 
@@ -68,9 +74,10 @@ def add_bench(subparsers) -> argparse.ArgumentParser:
                         help="skip the stop-rule runs and the scores against the references")
     add_output_flags(parser, chart=True)
     parser.set_defaults(func=run_bench)
-    modes = parser.add_subparsers(dest="bench_mode", metavar="{keystrokes,daemon}")
+    modes = parser.add_subparsers(dest="bench_mode", metavar="{keystrokes,daemon,lsp}")
     add_keystrokes(modes)
     add_daemon(modes)
+    add_lsp(modes)
     return parser
 
 
@@ -114,6 +121,19 @@ def add_daemon(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--starts", type=int_at_least(1), default=1,
                         help="start `ahead engine` this many times, timing start to ready; the last one serves")
     parser.set_defaults(func=run_daemon)
+    return parser
+
+
+def add_lsp(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "lsp", help="the same typing through `ahead lsp` and the engine daemon, as an editor sees it",
+        description="Start `ahead engine` and `ahead lsp`; type into a file through pygls' client and time each "
+                    "inline completion from request to answer (stop rules on).",
+    )
+    add_typing_flags(parser)
+    parser.add_argument("--debounce", type=int_at_least(0), default=None, help="debounce ms (default: the server's)")
+    parser.add_argument("--starts", type=int_at_least(1), default=1, help="start the engine this many times first")
+    parser.set_defaults(func=run_lsp)
     return parser
 
 
