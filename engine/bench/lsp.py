@@ -93,8 +93,17 @@ async def type_through_lsp(args: argparse.Namespace, socket: Path, text: str, po
         "latency_ms_mean": mean(warm),
         "cold_ms_p50": percentile(cold, 50),
         "shown_share": mean([float(s) for s in shown]),
-        "server_status": json.loads(json.dumps(status, default=lambda o: getattr(o, "_asdict", lambda: str(o))())),
+        "server_status": plain(status),
     }
+
+
+def plain(value):
+    """pygls hands custom results back as namedtuples: dicts again, for JSON."""
+    if hasattr(value, "_asdict"):
+        return {k: plain(v) for k, v in value._asdict().items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    return value
 
 
 def report(result: dict) -> str:
