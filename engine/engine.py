@@ -171,9 +171,11 @@ class Engine:
         if cancelled is not None and cancelled():
             raise Cancelled()
 
+        headroom = (step_shape(cfg).size if cfg else 1) + request.max_tokens + 1
+
         def make_prompt(heal: bool):
             return build_prompt(self.codec, prefix, suffix, self.options.budget, fim=switches.fim, heal=heal,
-                                context=request.context, path=request.path)
+                                context=request.context, path=request.path, room=self.runner.capacity - headroom)
 
         prompt = make_prompt(request.heal)
         bos = self.checkpoint.config.bos_token_id
@@ -185,7 +187,6 @@ class Engine:
                 raise BadRequest("nothing to complete: the text before the cursor is empty and the model has no "
                                  "BOS token to start from")
             ids = [bos]
-        headroom = (step_shape(cfg).size if cfg else 1) + request.max_tokens + 1
         if len(ids) + headroom > self.runner.capacity:
             raise DoesNotFit(
                 f"prompt ({len(ids)} tokens) + {request.max_tokens} new tokens do not fit the KV cache "

@@ -86,6 +86,8 @@ def context_ids(codec: Codec, context: tuple[tuple[str, str], ...], path: str | 
         return []
     own = [sep, *codec.encode(f"{path or 'current'}\n")]
     left = budget - len(own)
+    if left <= 1:
+        return []  # no room for any other file: no repository layout at all
     files: list[list[int]] = []
     for other, text in reversed(context):
         ids = [sep, *codec.encode(f"{other}\n{text}\n")]
@@ -105,7 +107,10 @@ def build_prompt(
     heal: bool = True,
     context: tuple[tuple[str, str], ...] = (),
     path: str | None = None,
+    room: int | None = None,
 ) -> Prompt:
+    """The prompt's ids; `room` caps their number: repository context only takes what the document's
+    own windows leave (the KV cache must still hold the completion)."""
     budget = budget or PromptBudget()
     start, prefix_ids = prefix_window(codec, prefix, budget)
     healed = b""
@@ -118,6 +123,6 @@ def build_prompt(
     if fim_ids is None:
         return Prompt(prefix_ids, healed, start, False)
     pre, suf, mid = fim_ids
-    head = context_ids(codec, context, path, budget.context_tokens)
-    ids = [*head, pre, *prefix_ids, suf, *suffix_window(codec, suffix, budget), mid]
-    return Prompt(ids, healed, start, True)
+    own = [pre, *prefix_ids, suf, *suffix_window(codec, suffix, budget), mid]
+    context_budget = budget.context_tokens if room is None else min(budget.context_tokens, room - len(own))
+    return Prompt([*context_ids(codec, context, path, context_budget), *own], healed, start, True)

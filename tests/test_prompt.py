@@ -19,7 +19,7 @@ from engine.request import CompletionRequest
 from engine.stops import StopRules
 from engine.tokens import Codec
 
-CONTROL = ["<|endoftext|>", "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"]
+CONTROL = ["<|endoftext|>", "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>", "<|file_sep|>"]
 # Qwen2's pre-tokenizer regex (from its tokenizer.json): newlines are their own pre-tokens.
 QWEN2_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -56,7 +56,7 @@ def control_ids(codec: Codec) -> set[int]:
 
 def test_fim_layout_uses_vocab_ids(fim_codec: Codec) -> None:
     """[fim_prefix] P [fim_suffix] S [fim_middle], each marker by its vocabulary id."""
-    pre, suf, mid = (fim_codec.token_id(n) for n in CONTROL[1:])
+    pre, suf, mid = (fim_codec.token_id(n) for n in CONTROL[1:4])
     assert fim_codec.fim_ids == (pre, suf, mid)
     prefix, suffix = CODE[:40], CODE[40:]
     prompt = build_prompt(fim_codec, prefix, suffix, PromptBudget(), heal=False)
@@ -229,3 +229,28 @@ def test_empty_prompt_without_bos_is_a_clear_error(tiny_config, tiny_model, tiny
     with pytest.raises(AheadError, match="empty"):
         engine.complete(CompletionRequest("", ""))
     assert engine.complete(CompletionRequest("def f", max_tokens=4, stop=StopRules.raw())).tokens  # still serving
+
+
+def test_repo_context_layout_budget_and_room(fim_codec: Codec) -> None:
+    """Other files come first as `<|file_sep|>path\ntext\n`, the current file's path last before the FIM
+    markers; the least relevant (first) file is dropped past the context budget; and `room` (what the KV cache
+    leaves) shrinks the context, never the document's own windows; a file that does not fit whole is cut to
+    its first tokens. Catches a context that pushes a prompt
+    past the cache (it did: 1024 context + 3072 + 256 tokens did not fit 4096 slots with 128 new tokens)."""
+    sep = fim_codec.token_id("<|file_sep|>")
+    pre, suf, mid = fim_codec.fim_ids
+    context = (("old.py", "def old():\n    pass"), ("near.py", "def near():\n    return 1"))
+    own = [pre, *fim_codec.encode("x = "), suf, mid]
+    full = build_prompt(fim_codec, "x = ", "", PromptBudget(), heal=False, context=context, path="cur.py")
+    files = [sep, *fim_codec.encode("old.py\ndef old():\n    pass\n"),
+             sep, *fim_codec.encode("near.py\ndef near():\n    return 1\n"), sep, *fim_codec.encode("cur.py\n")]
+    assert full.ids == files + own
+    tight = PromptBudget(context_tokens=len(files) - 1)
+    dropped = build_prompt(fim_codec, "x = ", "", tight, heal=False, context=context, path="cur.py")
+    head = dropped.ids[: dropped.ids.index(pre)]
+    near = files[files.index(sep, 1):]  # near.py and the current path, whole
+    assert len(head) == len(files) - 1 and head[-len(near):] == near and head[0] == sep  # old.py cut short
+    assert dropped.ids[-len(own):] == own
+    roomy = build_prompt(fim_codec, "x = ", "", PromptBudget(), heal=False, context=context, path="cur.py",
+                         room=len(own) + 5)
+    assert len(roomy.ids) <= len(own) + 5 and roomy.ids[-len(own):] == own
