@@ -69,3 +69,11 @@ def local_text(engine, prefix: str, suffix: str = "", **kw) -> str:
     from conftest import complete
 
     return complete(engine, prefix, suffix, type_through=False, reuse_kv=False, **kw).text
+
+
+def serve_openai(model_dir: Path, run: Path, host: str, *extra: str) -> tuple[subprocess.Popen, str]:
+    """`ahead engine --openai HOST:0` with the tiny model; (process, http://127.0.0.1:PORT) once ready."""
+    proc = start_engine(model_dir, run / "o.sock", "--openai", f"{host}:0", *extra, wait=False)
+    ready = wait_ready(proc)
+    port = ready.split("openai:http://")[1].split("/")[0].rsplit(":", 1)[1]
+    return proc, f"http://127.0.0.1:{port}"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from daemon_helpers import CODE, local_engine, local_text, save_tiny_model, start_engine, stop, wait_ready
+from daemon_helpers import CODE, local_engine, local_text, save_tiny_model, serve_openai, stop
 
 
 @pytest.fixture(scope="module")
@@ -21,17 +21,10 @@ def model_dir(tmp_path_factory, tiny_config, tiny_model, tiny_tokenizer) -> Path
     return save_tiny_model(tmp_path_factory.mktemp("tiny-model"), tiny_config, tiny_model, tiny_tokenizer)
 
 
-def serve_openai(model_dir: Path, run: Path, host: str, *extra: str):
-    proc = start_engine(model_dir, run / "o.sock", "--openai", f"{host}:0", *extra, wait=False)
-    ready = wait_ready(proc)
-    port = ready.split("openai:http://")[1].split("/")[0].rsplit(":", 1)[1]
-    return proc, f"http://127.0.0.1:{port}/v1"
-
-
 @pytest.fixture(scope="module")
 def endpoint(model_dir: Path, tmp_path_factory):
     proc, url = serve_openai(model_dir, tmp_path_factory.mktemp("openai"), "127.0.0.1")
-    yield url
+    yield url + "/v1"
     stop(proc)
 
 
@@ -92,6 +85,7 @@ def test_off_loopback_needs_the_token(model_dir: Path, tmp_path: Path) -> None:
     token.write_text("the-token\n")
     token.chmod(0o600)
     proc, url = serve_openai(model_dir, tmp_path, "0.0.0.0", "--token-file", str(token))
+    url += "/v1"
     try:
         body = json.dumps({"prompt": "def f():", "max_tokens": 2}).encode()
         assert post(url, body)[0] == 401

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from conftest import complete
-from daemon_helpers import CODE, local_engine, save_tiny_model, start_engine, stop, wait_ready
+from daemon_helpers import CODE, local_engine, save_tiny_model, stop
+from daemon_helpers import serve_openai as serve_helper
 
 from engine.stops import StopRules
 from lsp_server.remote import RemoteBackend, RemoteError, qwen_prompt
@@ -32,11 +33,7 @@ def model_dir(tmp_path_factory, tiny_config, tiny_model, tiny_tokenizer) -> Path
 
 
 def serve_openai(model_dir: Path, run: Path, host: str, *extra: str):
-    proc = start_engine(model_dir, run / "o.sock", "--openai", f"{host}:0", "--max-seq-len", "4096", *extra,
-                        wait=False)
-    ready = wait_ready(proc)
-    port = ready.split("openai:http://")[1].split("/")[0].rsplit(":", 1)[1]
-    return proc, f"http://127.0.0.1:{port}"
+    return serve_helper(model_dir, run, host, "--max-seq-len", "4096", *extra)
 
 
 @pytest.fixture(scope="module")

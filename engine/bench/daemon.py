@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -19,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from .. import flags
@@ -192,19 +194,27 @@ def report(result: dict) -> str:
     return head + "\n" + format_table(["metric", "value"], rows)
 
 
-def main(args: argparse.Namespace) -> int:
-    source, _ = check_args(args)
+@contextlib.contextmanager
+def engine_process(args: argparse.Namespace) -> Iterator[tuple[Path, list[float], bool]]:
+    """`ahead engine` on a private socket for the block (see start_engines): (socket, start seconds,
+    whether the first start converted the weights); stopped afterwards."""
     with tempfile.TemporaryDirectory(prefix="ahead-bench-") as tmp:
         os.chmod(tmp, 0o700)
         socket = Path(tmp) / "engine.sock"
         daemon, starts, converted = start_engines(args, args.starts, socket)
         try:
-            engine = flags.engine_from_args(args)
-            engine.warmup()
-            result = run_daemon_bench(engine, args, source, socket)
+            yield socket, starts, converted
         finally:
             daemon.terminate()
             daemon.wait(60)
+
+
+def main(args: argparse.Namespace) -> int:
+    source, _ = check_args(args)
+    with engine_process(args) as (socket, starts, converted):
+        engine = flags.engine_from_args(args)
+        engine.warmup()
+        result = run_daemon_bench(engine, args, source, socket)
     result["start_to_ready_s"] = starts
     result["first_start_converted_weights"] = converted
     print(json.dumps(result) if args.json else report(result))

@@ -13,15 +13,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from ..client import EngineClient
 from ..errors import AheadError
-from .daemon import start_engines
+from .daemon import engine_process
 from .harness import format_table, mean, percentile
 from .keystrokes import Position, check_args, positions_in, synthesize_file
 
@@ -119,21 +117,14 @@ def main(args: argparse.Namespace) -> int:
     except ImportError:
         raise AheadError("ahead bench lsp needs the lsp extra: pip install 'ahead[lsp]'") from None
     source, _ = check_args(args)
-    with tempfile.TemporaryDirectory(prefix="ahead-bench-") as tmp:
-        os.chmod(tmp, 0o700)
-        socket = Path(tmp) / "engine.sock"
-        daemon, starts, _ = start_engines(args, args.starts, socket)
-        try:
-            text, positions = source.text, source.positions
-            if text is None:  # synthesized from the cases, sized at ~3 characters a token (no tokenizer here)
-                text = synthesize_file(source.cases, lambda s: len(s) // 3)
-                positions = positions_in(text, args, (2 / 3, 1.0))
-            with EngineClient(socket) as client:
-                model = client.info["model"]
-            result = asyncio.run(type_through_lsp(args, socket, text, positions))
-        finally:
-            daemon.terminate()
-            daemon.wait(60)
+    text, positions = source.text, source.positions
+    if text is None:  # synthesized from the cases, sized at ~3 characters a token (no tokenizer here)
+        text = synthesize_file(source.cases, lambda s: len(s) // 3)
+        positions = positions_in(text, args, (2 / 3, 1.0))
+    with engine_process(args) as (socket, starts, _):
+        with EngineClient(socket) as client:
+            model = client.info["model"]
+        result = asyncio.run(type_through_lsp(args, socket, text, positions))
     result |= {"model": model, "debounce": args.debounce if args.debounce is not None else "default",
                "start_to_ready_s": starts}
     print(json.dumps(result) if args.json else report(result))
