@@ -106,6 +106,7 @@ class AheadLanguageServer(LanguageServer):
         self.reporter = LspReporter(self)
         self.cache = TypeThroughCache()
         self.prefetch = Prefetcher()
+        self.last_request: dict[str, float] = {}  # document -> when its last backend request was made
         self.pending: dict[str, Pending] = {}
         self.context: Any = None  # lsp_server.context.RepoContext while settings.repo_context is on
         self.stats: Counter[str] = Counter()
@@ -275,10 +276,19 @@ class AheadLanguageServer(LanguageServer):
         if self.pending.get(uri) is pending:
             del self.pending[uri]
 
+    def in_burst(self, uri: str) -> bool:
+        """Whether this request follows the document's last one within the debounce time. Only bursts are
+        debounced: an isolated keystroke goes to the engine at once, since a request that a later keystroke
+        supersedes costs the engine about one decoding step, while waiting costs every keystroke the delay."""
+        now = time.monotonic()
+        last, self.last_request[uri] = self.last_request.get(uri), now
+        return last is not None and (now - last) * 1000 < self.settings.debounce_ms
+
     async def fetch(self, uri: str, path: str | None, prefix: str, suffix: str) -> str:
-        """Debounce, then one backend request; any failure is no completion (and a log line)."""
+        """Debounce a burst, then one backend request; any failure is no completion (and a log line)."""
         settings = self.settings
-        if settings.debounce_ms:
+        if settings.debounce_ms and self.in_burst(uri):
+            self.stats["debounced"] += 1
             await asyncio.sleep(settings.debounce_ms / 1000)
         if self.backend is None:
             return ""
@@ -325,6 +335,7 @@ class AheadLanguageServer(LanguageServer):
             "prefetch_hits": self.prefetch.hits,
             "joined": self.stats["joined"],
             "superseded": self.stats["superseded"],
+            "debounced": self.stats["debounced"],
             "cancelled": self.stats["cancelled"],
             "unavailable": self.stats["unavailable"],
             "errors": self.stats["errors"],
@@ -390,6 +401,7 @@ async def did_close(ls: AheadLanguageServer, params: types.DidCloseTextDocumentP
     uri = params.text_document.uri
     ls.cache.forget(uri)
     ls.prefetch.cancel(uri)
+    ls.last_request.pop(uri, None)
     if (pending := ls.pending.get(uri)) is not None:
         pending.task.cancel()
     if ls.backend is not None:

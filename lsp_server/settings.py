@@ -78,8 +78,8 @@ class Settings:
     # 30 ms folds the bursts one user action sends (an auto-closed pair, the edits of an accepted completion,
     # a paste, key repeat) into one request, and is small next to the ~80-120 ms between a fast typist's keys
     # and the engine's ~57 ms p50 answer on a GPU (README); a request that starts and is then superseded
-    # costs the engine about one decoding step (cancel ~3 ms), so waiting longer buys little. Type-through
-    # answers skip it.
+    # costs the engine about one decoding step (cancel ~3 ms), so waiting longer buys little. Only requests
+    # that follow the document's previous one within this time wait; type-through answers never do.
     debounce_ms: int = field(default=30, metadata={"minimum": 0})
     stop: StopSettings = field(default_factory=StopSettings)
     prefetch: bool = True  # compute the completion after an accept while the suggestion is shown (prefetch.py)

@@ -382,6 +382,26 @@ def test_prefetch_answers_an_accept_without_waiting(lsp: Session, local) -> None
         lsp.configure({"prefetch": False})
 
 
+def test_only_bursts_are_debounced(lsp: Session) -> None:
+    """Catches: every request waiting out the debounce (an isolated keystroke must go to the engine at once),
+    or a burst not debounced (a request right after the document's last one must wait)."""
+    lsp.configure({"debounceMs": 1500})
+    try:
+        uri = "file:///work/burst.py"
+        text = CODE + "def fib5(n):\n    "
+        lsp.open(uri, text)
+        before = lsp.status()["server"]["debounced"]
+        assert item_text(lsp.inline(uri, len(text))) is not None
+        assert lsp.status()["server"]["debounced"] == before  # isolated: not delayed
+        lsp.edit(uri, len(text), len(text), "#zq\n    ")  # not what the ghost text showed: no type-through
+        started = time.monotonic()
+        lsp.inline(uri, len(lsp.texts[uri]))
+        assert time.monotonic() - started >= 1.5
+        assert lsp.status()["server"]["debounced"] == before + 1
+    finally:
+        lsp.configure({"debounceMs": 0})
+
+
 def test_type_through_answers_without_the_engine(lsp: Session) -> None:
     """Catches: every keystroke going to the engine though the user typed what the ghost text shows."""
     uri = "file:///work/typing.py"
@@ -405,10 +425,11 @@ def test_newer_request_supersedes_the_older_and_equal_ones_share_one(lsp: Sessio
     uri = "file:///work/supersede.py"
     text = CODE + "def fib4(n):\n    return\n"
     lsp.open(uri, text)
-    lsp.configure({"debounceMs": 400})
+    lsp.configure({"debounceMs": 1000})
     try:
-        before = lsp.status()["server"]
         cursor = text.index("    return")
+        lsp.inline(uri, len(text) - 1)  # elsewhere in the document: the requests below are a burst, debounced
+        before = lsp.status()["server"]
         old = lsp.sync(lsp.client.text_document_inline_completion, lsp.inline_params(uri, len(text)))
         time.sleep(0.05)
         started = time.monotonic()
