@@ -216,15 +216,24 @@ class AheadLanguageServer(LanguageServer):
         return Path(path).name, pieces
 
     # -- completions -------------------------------------------------------------------------------
-    async def suggest(self, uri: str, position: types.Position) -> str:
-        """The completion at a cursor, in the document's line ends; "" for none."""
+    async def suggest(self, uri: str, position: types.Position, selected: types.SelectedCompletionInfo | None = None
+                      ) -> str:
+        """The completion at a cursor, in the document's line ends; "" for none.
+
+        With `selected` (the item picked in the client's completion menu), the completion continues the
+        document as if that item were inserted: its range replaced by its text, the cursor after it."""
         document = self.open_document(uri)
         if document is None:
             return ""
         self.stats["requests"] += 1
         source = document.source
         offset = document.offset_at_position(types.Position(line=position.line, character=position.character))
-        prefix, suffix = to_model(source[:offset]), to_model(source[offset:])
+        before, after = source[:offset], source[offset:]
+        if selected is not None:
+            start = document.offset_at_position(selected.range.start)
+            end = max(document.offset_at_position(selected.range.end), offset)
+            before, after = source[:start] + selected.text, source[end:]
+        prefix, suffix = to_model(before), to_model(after)
         rest = self.cache.rest(uri, prefix, suffix)
         if rest is not None:
             self.stats["type_through"] += 1
@@ -412,7 +421,13 @@ async def did_close(ls: AheadLanguageServer, params: types.DidCloseTextDocumentP
 async def inline_completion(ls: AheadLanguageServer,
                             params: types.InlineCompletionParams) -> types.InlineCompletionList:
     cursor = types.Position(line=params.position.line, character=params.position.character)
-    return inline_list(await ls.suggest(params.text_document.uri, cursor), cursor)
+    context = params.context
+    selected = context.selected_completion_info if context is not None else None
+    text = await ls.suggest(params.text_document.uri, cursor, selected)
+    invoked = context is not None and context.trigger_kind == types.InlineCompletionTriggerKind.Invoked
+    if selected is not None:  # the item replaces the selection's range and starts with its text
+        return inline_list(selected.text + text, cursor, selected.range, alternatives=invoked)
+    return inline_list(text, cursor, alternatives=invoked)
 
 
 @server.feature(types.TEXT_DOCUMENT_COMPLETION, types.CompletionOptions())
@@ -424,8 +439,13 @@ async def completion(ls: AheadLanguageServer, params: types.CompletionParams) ->
 
 @server.feature(STATUS)
 async def status(ls: AheadLanguageServer, params: Any) -> dict:
-    """`ahead/status`: the backend's status (model, device, latency, queue, sessions) and the server's own."""
-    backend = await ls.backend.status() if ls.backend is not None else {"state": "not started"}
+    """`ahead/status`: the backend's status (model, device, latency, queue, sessions) and the server's own.
+    A backend that cannot answer is a state to report, not a failed request."""
+    try:
+        backend = await ls.backend.status() if ls.backend is not None else {"state": "not started"}
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        backend = {"state": "unreachable", "error": f"{type(exc).__name__}: {first}"}
     return {"server": ls.own_status(), "backend": backend}
 
 

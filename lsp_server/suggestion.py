@@ -65,11 +65,28 @@ def at(cursor: types.Position) -> types.Range:
     return types.Range(start=cursor, end=cursor)
 
 
-def inline_list(text: str, cursor: types.Position) -> types.InlineCompletionList:
-    """One inline item inserting `text` at the cursor; none for an empty or whitespace-only text."""
+def first_line(text: str) -> str | None:
+    """The text up to its first line break after some code; None when that is all of it."""
+    start = len(text) - len(text.lstrip())
+    cut = text.find("\n", start)
+    if cut < 0 or not text[cut:].strip():
+        return None
+    return text[:cut]
+
+
+def inline_list(text: str, cursor: types.Position, replaced: types.Range | None = None,
+                alternatives: bool = False) -> types.InlineCompletionList:
+    """The inline item inserting `text` at the cursor (or over `replaced`); none for a blank text.
+
+    With `alternatives` (the user asked explicitly), a multi-line text also comes as its first line
+    alone: the one alternative that costs nothing, since it is a cut of the same completion."""
     if not text.strip():
         return types.InlineCompletionList(items=[])
-    return types.InlineCompletionList(items=[types.InlineCompletionItem(insert_text=text, range=at(cursor))])
+    where = replaced or at(cursor)
+    texts = [text]
+    if alternatives and (line := first_line(text)) is not None and line.strip():
+        texts.append(line)
+    return types.InlineCompletionList(items=[types.InlineCompletionItem(insert_text=t, range=where) for t in texts])
 
 
 def label_of(text: str) -> str:

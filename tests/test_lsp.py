@@ -63,6 +63,27 @@ def test_settings_merge_in_order_and_warn_per_bad_key() -> None:
     assert resolve(None, {"ahead": {"engine": {"socket": None}}})[0].engine == Settings().engine
 
 
+def test_an_explicit_request_also_offers_the_first_line_alone() -> None:
+    """Catches: alternatives on automatic requests (they come only when the user asks), an alternative that is
+    not the same completion cut at its first line of code, or one for a single-line completion."""
+    from lsp_server import server as lsp_module
+
+    class Stub:
+        async def suggest(self, uri, cursor, selected=None) -> str:
+            return "\n    total = 0\n    return total\n"
+
+    def ask(kind: types.InlineCompletionTriggerKind) -> list[str]:
+        params = types.InlineCompletionParams(
+            text_document=types.TextDocumentIdentifier(uri="file:///x.py"),
+            position=types.Position(line=3, character=0), context=types.InlineCompletionContext(trigger_kind=kind))
+        return [item.insert_text for item in asyncio.run(lsp_module.inline_completion(Stub(), params)).items]
+
+    assert ask(types.InlineCompletionTriggerKind.Automatic) == ["\n    total = 0\n    return total\n"]
+    assert ask(types.InlineCompletionTriggerKind.Invoked) == ["\n    total = 0\n    return total\n", "\n    total = 0"]
+    Stub.suggest = lambda self, uri, cursor, selected=None: asyncio.sleep(0, "x = 1\n")
+    assert ask(types.InlineCompletionTriggerKind.Invoked) == ["x = 1\n"]
+
+
 def test_type_through_cache_answers_only_an_extension_of_the_shown_text() -> None:
     """Catches: answering after the user typed something else, after the text behind the cursor changed,
     or with a whitespace-only rest (which would show nothing)."""
@@ -357,6 +378,24 @@ def test_plain_completion_is_one_item_with_the_whole_text(lsp: Session, local) -
     assert item.insert_text_mode == types.InsertTextMode.AsIs
     cursor = position_at(text, len(text))
     assert item.text_edit.range == types.Range(start=cursor, end=cursor)
+
+
+def test_selected_menu_item_is_continued_and_replaced(lsp: Session, local) -> None:
+    """Catches: selectedCompletionInfo ignored (the completion would ignore the item picked in the menu and
+    not start with it, which VS Code then refuses to show) or an item range other than the selection's."""
+    uri = "file:///work/selected.py"
+    text = CODE + "def fib6(n):\n    return fib"
+    lsp.open(uri, text)
+    start = len(text) - len("fib")
+    selected = types.SelectedCompletionInfo(
+        range=types.Range(start=position_at(text, start), end=position_at(text, len(text))), text="fibonacci")
+    params = lsp.inline_params(uri, len(text))
+    params.context.selected_completion_info = selected
+    result = lsp.call(lsp.client.text_document_inline_completion_async(params))
+    want = expected(local, text[:start] + "fibonacci", "")
+    assert want.strip(), "the tiny model gave nothing here; pick another prefix"
+    assert item_text(result) == "fibonacci" + want
+    assert result.items[0].range == selected.range
 
 
 def test_prefetch_answers_an_accept_without_waiting(lsp: Session, local) -> None:
@@ -710,3 +749,19 @@ def test_neovim_gets_an_inline_completion(daemon, model_dir: Path, env: dict, tm
     cursor = sum(len(x) + 1 for x in lines[:line]) + len(lines[line].encode(units)[: column * width].decode(units))
     assert text[cursor:] == '"\n'  # Neovim's normal-mode cursor rests on the closing quote, after two \u00e9
     assert answer["items"][0]["insertText"] == expected(local, text[:cursor], text[cursor:])
+
+
+def test_bench_lsp_quality_runs_the_server_with_and_without_repo_context(daemon) -> None:
+    """Catches: `ahead bench lsp-quality` not turning repo context on for its second run (both runs would be the
+    same setting), or not scoring what the server showed (every case gets an item from the tiny model)."""
+    from engine.bench.lsp_quality import measure
+
+    sock, _ = daemon
+    cases = [{"id": f"c{n}", "file": f"pkg/mod{n}.py", "prefix": CODE + f"def f{n}(x):\n    ", "suffix": "\n",
+              "reference": "return x\n"} for n in range(2)]
+    result = measure(cases, sock, {"maxTokens": 8, "decoding": "ar", "device": "cpu"}, file_chars=2000)
+    assert result["without"]["repo_context_on"] is False and result["with"]["repo_context_on"] is True
+    for mode in ("without", "with"):
+        assert result[mode]["shown"] == 2
+        assert 0 <= result[mode]["edit_sim_median"] < 1
+    assert result["changed"] == 0  # the tiny model has no <|file_sep|>: context never reaches its prompt

@@ -49,6 +49,12 @@ def run_lsp(args: argparse.Namespace) -> int:
     return main(args)
 
 
+def run_lsp_quality(args: argparse.Namespace) -> int:
+    from .lsp_quality import main
+
+    return main(args)
+
+
 def run_tune(args: argparse.Namespace) -> int:
     from .tune import main
 
@@ -74,10 +80,11 @@ def add_bench(subparsers) -> argparse.ArgumentParser:
                         help="skip the stop-rule runs and the scores against the references")
     add_output_flags(parser, chart=True)
     parser.set_defaults(func=run_bench)
-    modes = parser.add_subparsers(dest="bench_mode", metavar="{keystrokes,daemon,lsp}")
+    modes = parser.add_subparsers(dest="bench_mode", metavar="{keystrokes,daemon,lsp,lsp-quality}")
     add_keystrokes(modes)
     add_daemon(modes)
     add_lsp(modes)
+    add_lsp_quality(modes)
     return parser
 
 
@@ -134,6 +141,25 @@ def add_lsp(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--debounce", type=int_at_least(0), default=None, help="debounce ms (default: the server's)")
     parser.add_argument("--starts", type=int_at_least(1), default=1, help="start the engine this many times first")
     parser.set_defaults(func=run_lsp)
+    return parser
+
+
+def add_lsp_quality(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "lsp-quality", help="completion quality through `ahead lsp`, with and without repository context",
+        description="Start `ahead engine`; run `ahead lsp` with repoContext off, then on, over a scratch workspace "
+                    "made of the cases' files; score each case's inline completion against its reference.",
+    )
+    add_engine_flags(parser, suppress=True)
+    parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="one JSON object on stdout")
+    # Suppressed, so that `ahead bench --cases F --limit N lsp-quality` keeps them.
+    parser.add_argument("--cases", default=argparse.SUPPRESS, help=f"cases (default: {DEFAULT_CASES})")
+    parser.add_argument("--limit", type=int_at_least(1), default=argparse.SUPPRESS, help="first N cases")
+    parser.add_argument("--max-tokens", type=int_at_least(1), default=argparse.SUPPRESS, help="default 128")
+    parser.add_argument("--context-tokens", type=int_at_least(0), default=1024, help="the server's contextTokens")
+    parser.add_argument("--file-chars", type=int_at_least(1), default=6000, help="characters of each stand-in file")
+    parser.add_argument("--starts", type=int_at_least(1), default=1, help=argparse.SUPPRESS)
+    parser.set_defaults(func=run_lsp_quality)
     return parser
 
 
