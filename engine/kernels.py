@@ -140,6 +140,20 @@ if triton is not None:
         y = gate / (1.0 + tl.exp(-gate)) * up
         tl.store(out + t * inter + offs, y.to(out.dtype.element_ty), mask=ok)
 
+    @triton.jit
+    def _add_rms_norm_kernel(x, delta, weight, normed, dim, eps, BLOCK: tl.constexpr):
+        t = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        ok = offs < dim
+        y = tl.load(x + t * dim + offs, mask=ok, other=0.0).to(tl.float32)
+        y += tl.load(delta + t * dim + offs, mask=ok, other=0.0).to(tl.float32)
+        y = y.to(x.dtype.element_ty)  # the residual stream keeps the weights' dtype, as `x + delta` would
+        tl.store(x + t * dim + offs, y, mask=ok)
+        y = y.to(tl.float32)
+        scale = 1.0 / tl.sqrt(tl.sum(y * y, axis=0) / dim + eps)
+        w = tl.load(weight + offs, mask=ok, other=0.0).to(tl.float32)
+        tl.store(normed + t * dim + offs, (y * scale * w).to(normed.dtype.element_ty), mask=ok)
+
 
 def rope_and_cache(qkv: Tensor, cos: Tensor, sin: Tensor, slots: Tensor, kv: Tensor, n_heads: int) -> Tensor:
     """Rotate q/k, write k/v at `slots` of this layer's cache [2, H_kv, S, D]; q as [H_kv, rep*T, D]."""
@@ -189,3 +203,11 @@ def silu_mul(x: Tensor) -> Tensor:
     block = 1024
     _silu_mul_kernel[(T, triton.cdiv(inter, block))](x, out, inter, BLOCK=block)
     return out
+
+
+def add_rms_norm(x: Tensor, delta: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """x += delta (in place: the residual stream), then RMSNorm(x) * weight, in one launch instead of two."""
+    T, dim = x.shape
+    normed = torch.empty_like(x)
+    _add_rms_norm_kernel[(T,)](x, delta, weight, normed, dim, eps, BLOCK=triton.next_power_of_2(dim))
+    return normed

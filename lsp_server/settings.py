@@ -83,7 +83,7 @@ class Settings:
     debounce_ms: int = field(default=30, metadata={"minimum": 0})
     stop: StopSettings = field(default_factory=StopSettings)
     prefetch: bool = True  # compute the completion after an accept while the suggestion is shown (prefetch.py)
-    repo_context: bool = False  # other files of the workspace in the prompt (lsp_server/context.py, watchdog)
+    repo_context: bool = True  # other files of the workspace in the prompt (context.py): +0.03 edit similarity, H200
     context_tokens: int = field(default=1024, metadata={"minimum": 0})
     engine: EngineSettings = field(default_factory=EngineSettings)
     remote: RemoteSettings = field(default_factory=RemoteSettings)

@@ -147,6 +147,22 @@ def test_triton_kernels_match_torch_path(monkeypatch, dtype, tol):
     assert (results[0][1] - results[1][1]).abs().max() < tol
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_add_rms_norm_adds_in_place_and_normalizes(dtype, tol):
+    """Catches: the residual not updated in place (the next layer would read the old stream), a wrong
+    mean (over the padded block instead of `dim`), or the weight not applied."""
+    from engine import kernels
+
+    x = torch.randn(5, 1536, device="cuda", dtype=dtype)
+    delta = torch.randn_like(x)
+    weight = torch.rand(1536, device="cuda", dtype=dtype) + 0.5
+    want_x = x + delta
+    want = torch.nn.functional.rms_norm(want_x.float(), (1536,), weight.float(), 1e-6)
+    got = kernels.add_rms_norm(x, delta, weight, 1e-6)
+    assert torch.equal(x, want_x)
+    assert (got.float() - want).abs().max().item() < tol * want.abs().max().item()
+
+
 def test_after_warm_up_decoding_captures_no_graph():
     """warm_up captures every graph requests replay: prefill chunks, AR and lookahead at any cache length."""
     from engine.lookahead import step_shape
