@@ -144,6 +144,9 @@ def cmd_engine(args: argparse.Namespace) -> int:
         with EngineClient(path, name="ahead engine") as client:
             print(json.dumps(client.shutdown() if args.stop else client.status(), indent=2))
         return 0
+    from .logstream import protect_stderr
+
+    protect_stderr()  # a daemon must outlive a full disk under its log
     if args.tcp or args.openai:
         read_token(args.token_file)  # created, or refused if others can read it, before the model loads
     if args.openai:

@@ -35,6 +35,7 @@ class DecodeState:
     accepted: list[int] = field(default_factory=list)  # tokens committed per step
     step_ms: list[float] = field(default_factory=list)
     pool_hits: int = 0  # lookahead steps that accepted at least one guessed token
+    by_source: dict[str, int] = field(default_factory=dict)  # tree decoding: guessed tokens accepted, per source
     stop_reason: str | None = None  # "stop" (a stop token), "length", "cancelled", or a stop rule's name
 
     def done(self) -> bool:

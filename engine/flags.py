@@ -77,6 +77,9 @@ def add_engine_flags(parser: argparse.ArgumentParser, suppress: bool = False) ->
                        help="prompt budget after the cursor (default 256 on a GPU, 96 on CPU)")
     group.add_argument("--threads", type=int_at_least(1), default=default(None),
                        help="CPU threads (default: OMP_NUM_THREADS, else physical cores - 1, at most 8)")
+    group.add_argument("--tp", type=int_at_least(1), default=default(1), metavar="N",
+                       help="tensor parallelism: split the model over N GPUs, one process each (NCCL); with "
+                       "--device cpu, N processes (gloo). The KV heads must divide by N (default 1)")
 
 
 def prompt_budget(args: argparse.Namespace) -> PromptBudget:
@@ -98,7 +101,7 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
     from .engine import EngineOptions
 
     return EngineOptions(model=args.model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
-                         budget=prompt_budget(args), threads=getattr(args, "threads", None))
+                         budget=prompt_budget(args), threads=getattr(args, "threads", None), tp=getattr(args, "tp", 1))
 
 
 def engine_from_args(args: argparse.Namespace, checkpoint: Checkpoint | None = None) -> Engine:

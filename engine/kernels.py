@@ -5,7 +5,8 @@ the excess was RoPE + KV-cache writes (6 kernels) and masked attention (4 kernel
 softmax alone took 10 us). Here: one kernel rotates q/k, writes k/v into the cache slots and
 lays q out for grouped-query attention; a split-K flash kernel does masked attention and
 writes heads straight into the [T, H*D] layout the output projection reads; SiLU-gate is one
-kernel. The CPU path (and the parity tests) keep the plain torch code in model.py.
+kernel, and so is each residual add with the RMSNorm after it. The CPU path (and the parity
+tests) keep the plain torch code in model.py.
 """
 
 from __future__ import annotations
@@ -209,5 +210,6 @@ def add_rms_norm(x: Tensor, delta: Tensor, weight: Tensor, eps: float) -> Tensor
     """x += delta (in place: the residual stream), then RMSNorm(x) * weight, in one launch instead of two."""
     T, dim = x.shape
     normed = torch.empty_like(x)
-    _add_rms_norm_kernel[(T,)](x, delta, weight, normed, dim, eps, BLOCK=triton.next_power_of_2(dim))
+    block = triton.next_power_of_2(dim)
+    _add_rms_norm_kernel[(T,)](x, delta, weight, normed, dim, eps, BLOCK=block, num_warps=8 if block >= 4096 else 4)
     return normed

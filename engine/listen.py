@@ -105,17 +105,24 @@ class SocketLock:
 
 
 def read_token(path: Path | None) -> str:
-    """The shared secret for TCP clients: created (mode 0600) on first use, refused if others can read it."""
+    """The shared secret for TCP clients: created (mode 0600) on first use; refused if others can read it
+    or it is another user's. Every failure is one line (AheadError)."""
     path = (path or default_token_file()).expanduser()
-    if not path.exists():
-        private_dir(path.parent)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(32) + "\n")
-    mode = path.stat().st_mode & 0o777
-    if mode & 0o077:
-        raise AheadError(f"token file {path} is readable by others (mode {oct(mode)}); chmod 600 it")
-    token = path.read_text().strip()
+    try:
+        if not path.exists():
+            private_dir(path.parent)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(32) + "\n")
+        st = path.stat()
+        if st.st_uid != os.getuid():  # its owner chose the token, and may hand it out
+            raise AheadError(f"token file {path} belongs to another user; refusing to use it")
+        mode = st.st_mode & 0o777
+        if mode & 0o077:
+            raise AheadError(f"token file {path} is readable by others (mode {oct(mode)}); chmod 600 it")
+        token = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AheadError(f"cannot read the token file {path} ({getattr(exc, 'strerror', None) or exc})") from None
     if not token:
         raise AheadError(f"token file {path} is empty")
     return token

@@ -26,7 +26,7 @@ from torch import Tensor
 from . import weight_cache
 from .default_model import NAME, cache_dir, choose_default_model, default_model_path, hf_hub_cache, hub_offline
 from .errors import AheadError
-from .model import ModelArgs, Transformer
+from .model import WHOLE, ModelArgs, Shard, Transformer
 
 SUPPORTED = ("qwen2", "llama")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -315,18 +315,20 @@ def fused_state_dict(hf: Mapping[str, Tensor], args: ModelArgs) -> dict[str, Ten
     return out
 
 
-def weight_bytes(args: ModelArgs, dtype: torch.dtype) -> int:
+def weight_bytes(args: ModelArgs, dtype: torch.dtype, world: int = 1) -> int:
+    """Bytes of weights one process holds when the model is split over `world` (embeddings replicated)."""
     per_layer = (
         args.dim * (args.n_heads + 2 * args.n_kv_heads) * args.head_dim
         + args.n_heads * args.head_dim * args.dim
         + 3 * args.dim * args.intermediate_size
-    )
+    ) // world
     embed = args.vocab_size * args.dim * (1 if args.tie_embeddings else 2)
     return (args.n_layers * per_layer + embed) * torch.finfo(dtype).bits // 8
 
 
-def kv_bytes(args: ModelArgs, max_seq_len: int, dtype: torch.dtype) -> int:
-    return 2 * args.n_layers * args.n_kv_heads * args.head_dim * max_seq_len * torch.finfo(dtype).bits // 8
+def kv_bytes(args: ModelArgs, max_seq_len: int, dtype: torch.dtype, world: int = 1) -> int:
+    heads = args.n_kv_heads // world
+    return 2 * args.n_layers * heads * args.head_dim * max_seq_len * torch.finfo(dtype).bits // 8
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -365,14 +367,48 @@ class OnDevice(Mapping):
         return len(self.weights)
 
 
-def build_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, max_seq_len: int) -> Transformer:
-    """Our Transformer with the checkpoint's weights and an allocated KV cache on `device`."""
+# Megatron splits of the HF projections: column-parallel ones by output rows, row-parallel ones by inputs.
+SPLIT_DIM = {"q_proj": 0, "k_proj": 0, "v_proj": 0, "gate_proj": 0, "up_proj": 0, "o_proj": 1, "down_proj": 1}
+
+
+class ShardOf(Mapping):
+    """A read-only view of HF weights that hands out only `shard`'s part of each split projection.
+
+    Sliced before `OnDevice` moves them, so each GPU receives its share, never the whole weight.
+    Heads stay whole: q/k/v rows split evenly are whole heads, and rank r's query heads are the
+    ones that share its KV heads.
+    """
+
+    def __init__(self, weights: Mapping[str, Tensor], shard: Shard):
+        self.weights, self.shard = weights, shard
+
+    def __getitem__(self, name: str) -> Tensor:
+        w = self.weights[name]
+        parts = name.split(".")
+        dim = SPLIT_DIM.get(parts[-2]) if len(parts) >= 2 else None
+        if dim is None or self.shard.world == 1:
+            return w
+        return w.chunk(self.shard.world, dim)[self.shard.rank].contiguous()
+
+    def __iter__(self):
+        return iter(self.weights)
+
+    def __len__(self) -> int:
+        return len(self.weights)
+
+
+def build_model(
+    ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, max_seq_len: int, shard: Shard = WHOLE
+) -> Transformer:
+    """Our Transformer (or `shard`'s part of it) with the checkpoint's weights and a KV cache on `device`."""
     try:
         args = ModelArgs.from_hf_config(ckpt.config)
     except ValueError as exc:
         raise AheadError(f"{ckpt.source}: {exc}") from None
+    if shard.world > 1 and (why := args.shard_error(shard.world)):
+        raise AheadError(f"{ckpt.source} cannot be split over {shard.world} processes: {why}")
     if device.type == "cuda":
-        need = weight_bytes(args, dtype) + kv_bytes(args, max_seq_len, dtype)
+        need = weight_bytes(args, dtype, shard.world) + kv_bytes(args, max_seq_len, dtype, shard.world)
         free, _ = torch.cuda.mem_get_info(device)
         if need > free:
             raise AheadError(
@@ -380,11 +416,11 @@ def build_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, max_
                 f"{free / 2**30:.1f} GiB free; lower --max-seq-len or use a smaller model"
             )
     with torch.device("meta"):
-        model = Transformer(args, max_seq_len)
+        model = Transformer(args, max_seq_len, shard)
     try:
         # Each weight goes to the device as it is fused: a GPU concatenates Q/K/V and gate/up in
         # milliseconds (a CPU took ~1.5 s for the 1.5B), and only one layer's parts are extra at a time.
-        state = fused_state_dict(OnDevice(ckpt.state_dict, device, dtype), args)
+        state = fused_state_dict(OnDevice(ShardOf(ckpt.state_dict, shard), device, dtype), args)
         model.load_state_dict(state, assign=True, strict=True)
     except KeyError as exc:
         raise AheadError(

@@ -5,6 +5,12 @@ one-token decode and lookahead's 2D/tree steps alike: the caller says where each
 token sits (RoPE position), which KV-cache slot it writes, and which cache slots it may
 see. Shapes depend only on the number of query tokens and the visible cache length, so a
 step with fixed sizes can be captured once as a CUDA graph and replayed.
+
+Tensor parallelism (Megatron-style): with a `Shard` of world size > 1 each process holds its
+share of the query and KV heads (wqkv split by rows) and of the MLP (w13's gate and up halves
+split by rows), and the row-split wo and w2 produce partial sums that one all-reduce per
+projection completes. Embeddings, norms and the LM head are replicated; each process's KV cache
+holds only its own KV heads. engine/parallel.py starts the processes and keeps them in step.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -63,6 +70,33 @@ class ModelArgs:
             qkv_bias=arch == "qwen2",
             tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         )
+
+    def shard_error(self, world: int) -> str | None:
+        """Why this model cannot be split over `world` processes by heads and MLP columns, or None."""
+        if self.n_kv_heads % world:
+            return f"its {self.n_kv_heads} KV heads do not divide by --tp {world}"
+        if self.intermediate_size % world:
+            return f"its MLP width {self.intermediate_size} does not divide by --tp {world}"
+        return None
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Which part of a tensor-parallel model this process holds: `rank` of `world`, whose partial
+    outputs are summed over `group` (a torch.distributed process group; None: the default one)."""
+
+    rank: int = 0
+    world: int = 1
+    group: object = None
+
+    def all_reduce(self, x: Tensor) -> Tensor:
+        """Sum a row-split projection's partial outputs across processes (in place); a no-op alone."""
+        if self.world > 1:
+            dist.all_reduce(x, group=self.group)
+        return x
+
+
+WHOLE = Shard()  # the unsplit model of a single process
 
 
 class RMSNorm(nn.Module):
@@ -144,10 +178,13 @@ def block_attention(q: Tensor, kv: Tensor, bias: Tensor, n_heads: int) -> Tensor
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, shard: Shard = WHOLE):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+        self.shard = shard
+        # This process's heads: wqkv holds [q heads | k heads | v heads] of its share, wo its columns.
+        self.n_heads, self.n_kv_heads = args.n_heads // shard.world, args.n_kv_heads // shard.world
+        self.head_dim = args.head_dim
+        q, kv = self.n_heads * args.head_dim, self.n_kv_heads * args.head_dim
         self.wqkv = nn.Linear(args.dim, q + 2 * kv, bias=args.qkv_bias)  # one matmul, not three
         self.wo = nn.Linear(q, args.dim, bias=False)
 
@@ -161,49 +198,60 @@ class Attention(nn.Module):
             out = kernels.attention(q, kv, bias, self.n_heads)
         else:
             out = folded_attention(q, kv, bias, self.n_heads)
-        return self.wo(out)
+        return self.shard.all_reduce(self.wo(out))
 
 
 class FeedForward(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, shard: Shard = WHOLE):
         super().__init__()
-        self.intermediate_size = args.intermediate_size
-        self.w13 = nn.Linear(args.dim, 2 * args.intermediate_size, bias=False)  # gate and up, fused
-        self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=False)
+        self.shard = shard
+        self.intermediate_size = args.intermediate_size // shard.world  # this process's columns
+        self.w13 = nn.Linear(args.dim, 2 * self.intermediate_size, bias=False)  # gate and up, fused
+        self.w2 = nn.Linear(self.intermediate_size, args.dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         gate_up = self.w13(x)
         if kernels.usable(x):
-            return self.w2(kernels.silu_mul(gate_up))
+            return self.shard.all_reduce(self.w2(kernels.silu_mul(gate_up)))
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
-        return self.w2(F.silu(gate) * up)
+        return self.shard.all_reduce(self.w2(F.silu(gate) * up))
 
 
 class Block(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, shard: Shard = WHOLE):
         super().__init__()
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
-        self.attention = Attention(args)
+        self.attention = Attention(args, shard)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.feed_forward = FeedForward(args)
+        self.feed_forward = FeedForward(args, shard)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], slots: Tensor, bias: Tensor, kv: Tensor) -> Tensor:
         x = x + self.attention(self.attention_norm(x), rope, slots, bias, kv)
         return x + self.feed_forward(self.ffn_norm(x))
 
+    def fused(self, x: Tensor, h: Tensor, next_norm: RMSNorm, rope: tuple[Tensor, Tensor], slots: Tensor,
+              bias: Tensor, kv: Tensor) -> Tensor:
+        """The same on CUDA, with each residual add fused into the norm after it: `h` is this block's
+        normed input, `x` the residual stream (updated in place); returns `next_norm` of the output."""
+        h = kernels.add_rms_norm(x, self.attention(h, rope, slots, bias, kv), self.ffn_norm.weight, self.ffn_norm.eps)
+        return kernels.add_rms_norm(x, self.feed_forward(h), next_norm.weight, next_norm.eps)
+
 
 class Transformer(nn.Module):
-    def __init__(self, args: ModelArgs, max_seq_len: int):
+    def __init__(self, args: ModelArgs, max_seq_len: int, shard: Shard = WHOLE):
         super().__init__()
-        self.args = args
+        if shard.world > 1 and (why := args.shard_error(shard.world)):
+            raise ValueError(f"the model cannot be split: {why}")
+        self.args = args  # the whole model's shape, whatever this process holds of it
+        self.shard = shard
         self.max_seq_len = max_seq_len
         # An explicit (empty) weight skips the init, which is ~1 s for Qwen's vocabulary even on
         # the meta device; real weights are assigned by loading.build_model anyway.
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim, _weight=torch.empty(args.vocab_size, args.dim))
-        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.layers = nn.ModuleList(Block(args, shard) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        self.kv: Tensor | None = None  # [n_layers, 2, H_kv, S, D], allocated by setup_cache
+        self.kv: Tensor | None = None  # [n_layers, 2, H_kv / world, S, D], allocated by setup_cache
         self.rope_cos: Tensor | None = None  # [S, D/2] fp32, kept fp32 whatever the weights' dtype
         self.rope_sin: Tensor | None = None
 
@@ -212,7 +260,8 @@ class Transformer(nn.Module):
         a = self.args
         device = self.output.weight.device
         dtype = dtype or self.output.weight.dtype
-        self.kv = torch.zeros(a.n_layers, 2, a.n_kv_heads, self.max_seq_len, a.head_dim, dtype=dtype, device=device)
+        heads = a.n_kv_heads // self.shard.world
+        self.kv = torch.zeros(a.n_layers, 2, heads, self.max_seq_len, a.head_dim, dtype=dtype, device=device)
         cos, sin = rope_tables(a.head_dim, self.max_seq_len, a.rope_theta)
         self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
 
@@ -227,6 +276,12 @@ class Transformer(nn.Module):
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         rope = (cos, sin) if kernels.usable(x) else rope_factors(cos, sin, x.dtype)
         bias = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
+        if kernels.usable(x):  # 57 norms and 56 adds become 57 launches for 28 layers
+            h = self.layers[0].attention_norm(x)
+            for i, layer in enumerate(self.layers):
+                after = self.layers[i + 1].attention_norm if i + 1 < len(self.layers) else self.norm
+                h = layer.fused(x, h, after, rope, slots, bias, self.kv[i])
+            return self.output(h) if logits else x
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, slots, bias, self.kv[i])
         if not logits:

@@ -6,6 +6,13 @@ and queue as the native protocol. Sampling parameters are accepted and ignored (
 greedily). Extensions: `document` (the KV session to reuse; default: `user`, else one shared
 session) and `stop_rules` (true, or a map as in the native protocol, to apply ahead's own
 stop rules on top of `stop`). Off loopback every request needs `Authorization: Bearer TOKEN`.
+
+Whoever can reach the port can send anything, so the edges are bounded: a body over
+MAX_BODY_BYTES is refused (413) from its declared length, before it is read; a request must
+arrive whole within READ_TIMEOUT_S (headers: aiohttp's keep-alive timer, which runs from the
+connection's start; body: a deadline here, then 408 and at most as long again to drain it), so
+clients that dribble bytes (slowloris) hold a connection for seconds, not forever; and a body
+that is not a JSON object is a 400, however deeply it nests.
 """
 
 from __future__ import annotations
@@ -28,7 +35,8 @@ from .stops import StopRules
 if TYPE_CHECKING:
     from .server import Daemon
 
-MAX_BODY_BYTES = 8 << 20
+MAX_BODY_BYTES = 8 << 20  # a whole large file plus context, as JSON, fits many times over
+READ_TIMEOUT_S = 10.0  # to receive a request's headers, and then its body
 STATUS = {"bad_request": 400, "does_not_fit": 400, "unauthorized": 401, "cancelled": 409, "overloaded": 429,
           "out_of_memory": 503, "shutting_down": 503}
 
@@ -95,13 +103,38 @@ def choice_body(daemon: Daemon, text: str, finish: str | None, usage: dict | Non
     return body
 
 
+def token_matches(header: str, token: str | None) -> bool:
+    """`Authorization: Bearer TOKEN` against the daemon's token, in constant time (hmac.compare_digest).
+
+    Header bytes that are not UTF-8 arrive as surrogate escapes; they are compared, never an error."""
+    given = header.removeprefix("Bearer ").strip().encode("utf-8", "surrogateescape")
+    return bool(token) and hmac.compare_digest(given, token.encode())
+
+
+async def read_json(request: web.Request) -> Any:
+    """The body parsed, or an HTTPException (413, 408, 400) that says what was wrong with it."""
+    too_large = f"the body is larger than {MAX_BODY_BYTES} bytes"
+    if (request.content_length or 0) > MAX_BODY_BYTES:
+        raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY_BYTES, actual_size=request.content_length,
+                                            text=too_large)
+    try:
+        data = await asyncio.wait_for(request.read(), READ_TIMEOUT_S)
+    except web.HTTPRequestEntityTooLarge:  # no declared length (chunked): counted while read
+        raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY_BYTES, actual_size=MAX_BODY_BYTES + 1,
+                                            text=too_large) from None
+    except TimeoutError:
+        raise web.HTTPRequestTimeout(text=f"the body did not arrive within {READ_TIMEOUT_S:.0f} s") from None
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise web.HTTPBadRequest(text=f"the body is not JSON ({str(exc)[:200]})") from None
+
+
 def make_app(daemon: Daemon, needs_token: bool) -> web.Application:
     @web.middleware
     async def authorize(request: web.Request, handler):
-        if needs_token:
-            given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-            if not daemon.token or not hmac.compare_digest(given.encode(), daemon.token.encode()):
-                return error_response(401, "wrong or missing token (Authorization: Bearer TOKEN)", "unauthorized")
+        if needs_token and not token_matches(request.headers.get("Authorization", ""), daemon.token):
+            return error_response(401, "wrong or missing token (Authorization: Bearer TOKEN)", "unauthorized")
         return await handler(request)
 
     async def models(_: web.Request) -> web.Response:
@@ -110,11 +143,12 @@ def make_app(daemon: Daemon, needs_token: bool) -> web.Application:
 
     async def completions(request: web.Request) -> web.StreamResponse:
         try:
-            body = json.loads(await request.read())
-        except web.HTTPRequestEntityTooLarge:
-            return error_response(413, f"the body is larger than {MAX_BODY_BYTES} bytes", "too_large")
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            return error_response(400, f"the body is not JSON ({exc})", "bad_request")
+            body = await read_json(request)
+        except web.HTTPException as exc:
+            codes = {413: "too_large", 408: "timeout"}
+            response = error_response(exc.status, exc.text or exc.reason, codes.get(exc.status, "bad_request"))
+            response.force_close()  # an unread or half-read body leaves the connection unusable
+            return response
         try:
             completion_request = openai_request(body)
         except AheadError as exc:
@@ -181,7 +215,10 @@ def finish_reason(stop_reason: str) -> str:
 
 async def start_openai(daemon: Daemon, host: str, port: int) -> tuple[web.AppRunner, str]:
     """Serve the endpoint on the daemon's event loop; returns the runner (to clean up) and host:port."""
-    runner = web.AppRunner(make_app(daemon, needs_token=not is_loopback(host)), access_log=None)
+    # lingering_time: how long aiohttp drains a refused body before it closes; a dribbling client could
+    # otherwise keep the connection after its 408/413 for aiohttp's default 10 s, whatever READ_TIMEOUT_S is.
+    runner = web.AppRunner(make_app(daemon, needs_token=not is_loopback(host)), access_log=None,
+                           keepalive_timeout=READ_TIMEOUT_S, lingering_time=READ_TIMEOUT_S)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 from .errors import BadRequest
 from .lookahead import LookaheadConfig
 from .stops import StopRules
+from .tree_decoding import TreeConfig
 
-DECODINGS = ("ar", "lookahead")
+DECODINGS = ("ar", "lookahead", "tree")
 
 
 @dataclass(frozen=True)
@@ -18,8 +19,9 @@ class CompletionRequest:
     document: str | None = None  # key of the document's KV session (a path or URI); None: anonymous
     max_tokens: int = 128
     stop: StopRules = field(default_factory=StopRules)  # StopRules.raw() for the model's own stop only
-    decoding: str = "lookahead"  # or "ar"
+    decoding: str = "lookahead"  # or "ar", or "tree" (several draft sources, one verifier)
     lookahead: LookaheadConfig | None = None  # None: the engine's tuned or built-in (W,N,G)
+    tree: TreeConfig | None = None  # None: the engine's tuned or built-in tree budget and sources
     heal: bool = True  # token healing at the cursor
     # Other files shown to the model before this one, as (path, text), most relevant last; kept
     # stable between keystrokes by the caller, since they sit before the document in the KV cache.
@@ -30,7 +32,7 @@ class CompletionRequest:
         if not isinstance(self.prefix, str) or not isinstance(self.suffix, str):
             raise BadRequest("prefix and suffix must be text")
         if self.decoding not in DECODINGS:
-            raise BadRequest(f"unknown decoding '{self.decoding}' (use {' or '.join(DECODINGS)})")
+            raise BadRequest(f"unknown decoding '{self.decoding}' (use {', '.join(DECODINGS)})")
         if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
             raise BadRequest(f"max tokens must be an integer >= 0 (got {self.max_tokens!r})")
         if self.stop.max_lines < 0:

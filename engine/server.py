@@ -84,6 +84,7 @@ class Daemon:
         self.started = time.monotonic()
         self.latencies: deque[float] = deque(maxlen=512)  # ms, request received -> answer sent
         self.requests = 0
+        self.cancelled = 0  # completions answered `cancelled` (by `cancel`, a newer request, a closed connection)
         self.connections = 0
         self.clients = itertools.count(1)
         self.stopping = asyncio.Event()
@@ -122,6 +123,7 @@ class Daemon:
             "lookahead": str(engine.default_lookahead()),
             "latency_ms": {"p50": pct(0.5), "p95": pct(0.95), "count": len(ordered)},
             "requests": self.requests,
+            "cancelled": self.cancelled,
             "queue": self.worker.pending(),
             "connections": self.connections,
             "uptime_s": time.monotonic() - self.started,
@@ -149,7 +151,7 @@ class Daemon:
                 try:
                     unpacker.feed(data)
                     frames = list(unpacker)
-                except (msgpack.UnpackException, ValueError) as exc:
+                except (msgpack.UnpackException, ValueError, TypeError) as exc:  # TypeError: a list as a map key
                     # A msgpack stream cannot be resynchronised after garbage: say why, then close.
                     send(error_reply(None, protocol.BAD_FRAME, f"unreadable msgpack frame ({type(exc).__name__})"))
                     break
@@ -244,6 +246,7 @@ class Daemon:
             send({"id": request_id, "result": completion_result(completion, total_ms)})
         except Exception as exc:
             code, message, extra = error_of(exc, self.log)
+            self.cancelled += isinstance(exc, Cancelled)
             if job is not None and job.superseded:
                 message, extra = "superseded by a newer request for the same document", {**extra, "superseded": True}
             send(error_reply(request_id, code, message, **extra))

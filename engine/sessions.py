@@ -4,12 +4,17 @@ The model has one working KV cache (its addresses are baked into the CUDA graphs
 active document's tokens live there; switching documents parks the active one's K/V in a
 copy and restores the other's. Parked copies share a byte budget and are evicted least
 recently used first; an eviction only costs a cold prefill later, never correctness.
+
+Tree decoding's memory lives here too: each document's history of completions and Jacobi
+n-grams, and, shared by all documents, the workspace history, the Token Recycling table and the
+sources' calibration (`SessionStore.drafters`).
 """
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +22,15 @@ from torch import Tensor
 
 from .lookahead import LookaheadConfig, NGramPool
 from .runner import Runner
+from .sources import Source
+from .sources.history import HistoryLookup, SuffixAutomaton, remember
+from .sources.jacobi import JacobiWindow
+from .sources.prompt_lookup import PromptLookup
+from .sources.recycling import Recycling
+from .tree_decoding import Calibration, Drafters, TreeConfig
+
+DOCUMENT_HISTORY = 1 << 13  # tokens of completions kept per document
+WORKSPACE_HISTORY = 1 << 16  # and for all documents together
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -39,6 +53,8 @@ class Session:
     parked: Tensor | None = None  # their K/V while another document is active
     pool: NGramPool | None = None  # lookahead n-grams, kept across requests
     seeded: list[int] = field(default_factory=list)  # prompt the pool was last seeded from
+    history: SuffixAutomaton = field(default_factory=lambda: SuffixAutomaton(DOCUMENT_HISTORY))  # its completions
+    window_pool: NGramPool | None = None  # what tree decoding's Jacobi window found, kept across requests
     last: tuple[str, str, str] | None = None  # (prefix, suffix, completion) for type-through
     used: float = field(default_factory=time.monotonic)
 
@@ -90,6 +106,41 @@ class SessionStore:
         self.sessions: OrderedDict[str, Session] = OrderedDict()  # least recently used first
         self.active: Session | None = None
         self.evictions = 0
+        self.forget_learned()
+
+    def forget_learned(self) -> None:
+        """Start tree decoding's shared memory afresh (benchmarks: no case may see its own earlier output)."""
+        self.workspace = SuffixAutomaton(WORKSPACE_HISTORY)
+        self.recycling = Recycling()
+        self.calibration = Calibration()
+
+    def drafters(self, session: Session, ids: list[int], cfg: TreeConfig, extra: Sequence[int] = (),
+                 persistent: bool = True) -> Drafters:
+        """The sources of one tree-decoded request on `ids`; `extra`: text to look up that the prompt lacks.
+        Not `persistent`: the document's own history and n-grams are left out (and not kept)."""
+        text: list[Source] = []
+        if "prompt" in cfg.sources:
+            text.append(PromptLookup(ids, extra))
+        if "history" in cfg.sources:
+            text.append(HistoryLookup(self.histories(session, persistent), ids))
+        window = None
+        if cfg.window_rows:
+            pool = session.window_pool if persistent else None
+            window = JacobiWindow(cfg.window, cfg.levels, ids, pool)
+            if persistent:
+                session.window_pool = window.pool
+        recycling = self.recycling if "recycling" in cfg.sources else None
+        return Drafters(text, recycling, window, self.calibration)
+
+    def completed(self, session: Session, ids: list[int], completion: list[int], persistent: bool = True) -> None:
+        """A request on prompt `ids` committed `completion`: the histories learn it (the document's own only
+        when `persistent`)."""
+        remember(self.histories(session, persistent), ids, completion)
+
+    def histories(self, session: Session, persistent: bool = True) -> dict[str, SuffixAutomaton]:
+        """The history scopes a request of `session` reads and feeds: its document's (when `persistent`) and
+        the workspace's (every document this engine served)."""
+        return {"doc": session.history, "workspace": self.workspace} if persistent else {"workspace": self.workspace}
 
     def parked_bytes(self) -> int:
         return sum(s.parked.numel() * s.parked.element_size() for s in self.sessions.values() if s.parked is not None)

@@ -1,11 +1,16 @@
-"""Where `ahead tune` keeps the best lookahead (W,N,G) per model and GPU, for the engine to pick up."""
+"""Where `ahead tune` keeps the best lookahead (W,N,G), and the best tree config, per model and GPU,
+for the engine to pick up."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import tempfile
 from pathlib import Path
 
 from .default_model import cache_dir
+from .errors import AheadError
 from .lookahead import LookaheadConfig
 
 
@@ -21,25 +26,47 @@ def tuning_key(engine) -> str:
 
 def load_store() -> dict:
     try:
-        return json.loads(store_path().read_text())
-    except (OSError, json.JSONDecodeError):
+        data = json.loads(store_path().read_text())
+    except (OSError, ValueError):  # missing, unreadable, not UTF-8, not JSON
         return {}
+    return data if isinstance(data, dict) else {}
 
 
-def lookup_tuned(engine) -> LookaheadConfig | None:
-    entry = load_store().get(tuning_key(engine))
+def lookup_tuned(engine, kind: str = "lookahead"):
+    """The stored LookaheadConfig (kind "lookahead") or TreeConfig (kind "tree"), or None."""
+    from .tree_decoding import TreeConfig
+
+    key = tuning_key(engine) + ("" if kind == "lookahead" else f"|{kind}")
+    entry = load_store().get(key)
     if not entry:
         return None
     try:
-        return LookaheadConfig.parse(entry["config"])
+        return (LookaheadConfig if kind == "lookahead" else TreeConfig).parse(entry["config"])
     except (KeyError, ValueError):
         return None
 
 
-def store_tuned(engine, cfg: LookaheadConfig, summary: dict) -> Path:
+def store_tuned(engine, cfg, summary: dict, kind: str = "lookahead") -> Path:
     data = load_store()
-    data[tuning_key(engine)] = {"config": str(cfg), **summary}
+    data[tuning_key(engine) + ("" if kind == "lookahead" else f"|{kind}")] = {"config": str(cfg), **summary}
     path = store_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2))
+    write_atomically(path, json.dumps(data, indent=2))
     return path
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replace `path` with `text` whole or not at all: a full disk must not truncate the configs tuned
+    before (a plain write_text empties the file first). The failure is one line the user can act on."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise AheadError(f"could not store the tuned config in {path} ({exc.strerror or exc}); "
+                         "the engine keeps its previous choice") from None

@@ -21,6 +21,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import shutil
+import stat
 import subprocess
 import threading
 from collections.abc import Callable, Iterable
@@ -129,11 +130,20 @@ def _matches(pattern: str, rel: str, is_dir: bool) -> bool:
 
 
 def read_text(path: Path) -> str | None:
-    """The file's text, or None for a binary, huge, non-UTF-8 or unreadable file."""
+    """The file's text, or None for a binary, huge, non-UTF-8 or unreadable file, or one that is no longer
+    where it was admitted: `path` is resolved, so a symlink anywhere on it now means that the file or a
+    folder above it was swapped for a link since (one that may point outside the workspace). O_NOFOLLOW
+    closes the race for the file itself between that check and the open; O_NONBLOCK keeps a file swapped
+    for a FIFO from blocking the open."""
     try:
-        if path.stat().st_size > MAX_FILE_BYTES:
+        if Path(os.path.realpath(path)) != path:
             return None
-        data = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_FILE_BYTES:
+                return None
+            data = f.read(MAX_FILE_BYTES + 1)
     except OSError:
         return None
     if len(data) > MAX_FILE_BYTES or b"\0" in data[:SNIFF_BYTES]:

@@ -25,10 +25,32 @@ class Redact(logging.Filter):
         return True
 
 
+class LogFile(logging.FileHandler):
+    """A log file that may stop taking writes (a full disk): says so once on stderr, then drops records.
+
+    logging's own handler prints a traceback to stderr for every record it fails to write; the
+    server must keep serving either way, and one line is enough to tell the user why the log stops."""
+
+    def __init__(self, path: Path):
+        super().__init__(path, encoding="utf-8")
+        self.failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if self.failed:
+            return
+        self.failed = True
+        error = sys.exc_info()[1]
+        reason = getattr(error, "strerror", None) or error
+        try:
+            print(f"ahead: cannot write the log file {self.baseFilename} ({reason}); log lines are dropped",
+                  file=sys.stderr, flush=True)
+        except (OSError, ValueError):
+            pass
+
+
 def configure(log_file: Path | None, debug: bool) -> None:
     """Log to `log_file` (appended) or stderr; pygls at WARNING and redacted unless `debug`."""
-    handler: logging.Handler = logging.FileHandler(log_file, encoding="utf-8") if log_file else \
-        logging.StreamHandler(sys.stderr)
+    handler: logging.Handler = LogFile(log_file) if log_file else logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(FORMAT))
     if not debug:
         handler.addFilter(Redact())

@@ -25,6 +25,7 @@ from urllib.parse import unquote
 from uuid import uuid4
 
 from lsprotocol import types
+from pygls.exceptions import JsonRpcException
 from pygls.lsp.server import LanguageServer
 from pygls.uris import to_fs_path
 from pygls.workspace import TextDocument
@@ -113,6 +114,14 @@ class AheadLanguageServer(LanguageServer):
         self.told: set[str] = set()
         self.warned: list[str] = []  # the settings warnings last shown: each shown once, not at every merge
         self.reconfiguring = asyncio.Lock()  # one settings change at a time: a restart takes seconds
+
+    def report_server_error(self, error: Exception, source: Any) -> None:
+        """pygls' read loop reports a message it could not use here (source JsonRpcException): answer it
+        instead of showing the user an error about a message the client sent."""
+        if source is JsonRpcException:
+            self.protocol.answer_unreadable(error)  # type: ignore[attr-defined]  # LspProtocol
+            return
+        super().report_server_error(error, source)
 
     def tell(self, message: str, kind: types.MessageType = types.MessageType.Info) -> None:
         if kind == types.MessageType.Info:

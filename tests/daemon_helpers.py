@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 CODE = "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n\n"
@@ -58,11 +62,11 @@ def wait_ready(proc: subprocess.Popen, timeout: float = 120) -> str:
     raise AssertionError("the engine did not become ready:\n" + "".join(lines))
 
 
-def local_engine(model_dir: Path):
+def local_engine(model_dir: Path, device: str = "cpu"):
     """The same model in-process: what the daemon's answers must equal."""
     from engine.engine import Engine, EngineOptions
 
-    return Engine(EngineOptions(model=str(model_dir), device="cpu", dtype="fp32", max_seq_len=512), log=lambda _: None)
+    return Engine(EngineOptions(model=str(model_dir), device=device, dtype="fp32", max_seq_len=512), log=lambda _: None)
 
 
 def local_text(engine, prefix: str, suffix: str = "", **kw) -> str:
@@ -77,3 +81,39 @@ def serve_openai(model_dir: Path, run: Path, host: str, *extra: str) -> tuple[su
     ready = wait_ready(proc)
     port = ready.split("openai:http://")[1].split("/")[0].rsplit(":", 1)[1]
     return proc, f"http://127.0.0.1:{port}"
+
+
+@contextlib.contextmanager
+def serve_in_thread(build_engine, run: Path, **options) -> Iterator[tuple[Path, str | None, list[str]]]:
+    """The daemon's own `serve()` on a thread of this process, for tests that reach inside it (a fault
+    injected into the model, a shortened timeout); yields (socket, OpenAI base url or None, log lines)."""
+    from engine.client import EngineClient
+    from engine.server import ServeOptions, serve
+
+    sock, lines, ended = run / "e.sock", [], {}
+    ready = threading.Event()
+
+    def log(message: str) -> None:
+        lines.append(message)
+        if READY in message:
+            ready.set()
+
+    def main() -> None:
+        try:
+            ended["code"] = asyncio.run(serve(ServeOptions(socket=sock, **options), build_engine, log,
+                                              handle_signals=False))
+        except BaseException as exc:  # reported by the caller, not lost on the thread
+            ended["error"] = exc
+        ready.set()
+
+    thread = threading.Thread(target=main, name="ahead-daemon", daemon=True)
+    thread.start()
+    assert ready.wait(120) and not ended, f"the daemon did not start: {ended} {lines}"
+    where = next(line for line in lines if READY in line)
+    url = where.split("openai:")[1].split()[0] if "openai:" in where else None
+    try:
+        yield sock, url, lines
+    finally:
+        with contextlib.suppress(Exception), EngineClient(sock, timeout=10) as client:
+            client.shutdown()
+        thread.join(30)

@@ -12,7 +12,9 @@ from ..flags import LOOKAHEAD_HELP, add_engine_flags, int_at_least
 
 DEFAULT_CASES = "../shared/bench/cases.jsonl"
 DEFAULT_OUT = "ahead-out"
-METHODS = ("generate", "prompt_lookup", "ar", "lookahead")
+METHODS = ("generate", "prompt_lookup", "ar", "lookahead", "tree")
+TREE_HELP = ("B[,W,L[,D]][:sources]: tree decoding's rows per step, Jacobi window W x L, draft depth D, sources "
+             "from prompt+history+recycling+jacobi (default: tuned for this model and GPU)")
 SHAPE_NAMES = ("qwen2.5-coder-7b", "qwen2.5-coder-1.5b")  # the sizes tune.SHAPES describes
 H100_BANDWIDTH = 3.35e12  # B/s, H100 SXM HBM3
 
@@ -74,7 +76,9 @@ def add_bench(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int_at_least(1), default=16, help="first N cases (default 16)")
     parser.add_argument("--max-tokens", type=int_at_least(1), default=128)
     parser.add_argument("--lookahead", metavar="W,N,G", help=LOOKAHEAD_HELP)
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
+    parser.add_argument("--tree", metavar="B,W,L,D", help=TREE_HELP)
+    parser.add_argument("--methods", default="generate,prompt_lookup,ar,lookahead",
+                        help=f"comma list of {', '.join(METHODS)}")
     parser.add_argument("--repeat", type=int_at_least(1), default=1, help="time each case R times, report the median")
     parser.add_argument("--no-quality", action="store_true",
                         help="skip the stop-rule runs and the scores against the references")
@@ -177,6 +181,8 @@ def add_tune(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--ngrams", default="3,4,5,6", help="N values")
     parser.add_argument("--verify", default="4,8", help="G values")
     parser.add_argument("--grid", help='explicit configs "W,N,G;W,N,G;..." (instead of the product)')
+    parser.add_argument("--trees", metavar="B,W,L,D;...", help="tune tree decoding instead: its configs, ';'-separated "
+                        f"({TREE_HELP}); the fastest becomes the tree default")
     store = parser.add_mutually_exclusive_group()
     store.add_argument("--store", action="store_true", default=None,
                        help="store the best config as the default even when only one was measured")

@@ -1,11 +1,13 @@
-"""`ahead bench`: our AR and lookahead decoding against transformers' `generate` on real cases, for
+"""`ahead bench`: our AR, lookahead and tree decoding against transformers' `generate` on real cases, for
 speed, and ahead's completions against each case's reference, for quality.
 
 Speed: every method decodes greedily from the same prompt ids (no token healing) to the
 model's stop token or the cap, so tokens compare and the benchmark also checks exactness:
 lookahead and prompt lookup must give the AR tokens, not approximate them.
-Quality: ar and lookahead run again with the default stop rules, which is what a user sees;
-each completion is scored raw, with stop rules, and as the oracle cut (quality.py).
+Quality: our methods run again with the default stop rules, which is what a user sees (and timed:
+speed with stop rules is what a user gets); each completion is scored raw, with stop rules, and as
+the oracle cut (quality.py). Tree decoding's learned memory (workspace history, recycling table,
+calibration) is cleared before every pass over the cases, so no case sees its own earlier output.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from ..engine import Completion, Engine
 from ..errors import AheadError
 from ..lookahead import LookaheadConfig, step_shape
 from ..stops import StopRules
+from ..tree import tree_shape
+from ..tree_decoding import TreeConfig
 from .commands import METHODS
 from .harness import (
     cases_path,
@@ -44,7 +48,7 @@ from .harness import (
 from .quality import edit_similarity, method_quality, oracle
 
 REFERENCE_METHODS = ("generate", "prompt_lookup")  # run by transformers, not by our engine
-OUR_METHODS = ("ar", "lookahead")
+OUR_METHODS = ("ar", "lookahead", "tree")
 PROMPT_LOOKUP_TOKENS = 10
 
 
@@ -111,6 +115,7 @@ class Run:
     step_ms: list[float] = field(default_factory=list)
     text: str | None = None  # our methods' completion text (None for transformers)
     stop_reason: str | None = None
+    by_source: dict[str, int] = field(default_factory=dict)  # tree: drafted tokens accepted, per source
 
     @property
     def tok_s(self) -> float:
@@ -119,13 +124,14 @@ class Run:
     @classmethod
     def of(cls, completion: Completion, seconds: float) -> Run:
         return cls(completion.tokens, seconds, completion.steps, completion.step_ms, completion.text,
-                   completion.stop_reason)
+                   completion.stop_reason, completion.by_source)
 
 
 def run_case(
-    engine: Engine, reference: Reference | None, method: str, case: dict, cfg: LookaheadConfig, max_tokens: int,
-    repeat: int, stop: StopRules | None = None,
+    engine: Engine, reference: Reference | None, method: str, case: dict, cfg: LookaheadConfig | TreeConfig | None,
+    max_tokens: int, repeat: int, stop: StopRules | None = None,
 ) -> Run:
+    """`cfg`: the method's own config (lookahead's or tree's), None for the others."""
     times, first = [], None
     for _ in range(max(1, repeat)):
         if method in REFERENCE_METHODS:
@@ -133,8 +139,7 @@ def run_case(
             tokens, seconds = reference.timed(prompt_ids(engine, case), max_tokens, lookup)
             run = Run(tokens, seconds)
         else:
-            completion, seconds = complete_case(engine, case, method, cfg if method == "lookahead" else None,
-                                                max_tokens, stop=stop)
+            completion, seconds = complete_case(engine, case, method, cfg, max_tokens, stop=stop)
             run = Run.of(completion, seconds)
         first = first or run
         times.append(seconds)
@@ -156,7 +161,18 @@ def summarize(runs: list[Run]) -> dict:
         "step_ms_mean": mean([ms for r in runs for ms in r.step_ms]) if stepped else None,
         # Decoding alone, prefill left out: what lookahead changes, and how generation rates are usually quoted.
         "decode_tok_s": tokens / decode_s if (decode_s := sum(sum(r.step_ms) for r in runs) / 1e3) else None,
+        # Tree: drafted tokens accepted per source (a token several sources drafted counts for each), per step.
+        "by_source_per_step": {s: n / steps for s, n in sorted(by_source.items())}
+        if (by_source := _by_source(runs)) and steps else None,
     }
+
+
+def _by_source(runs: list[Run]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for r in runs:
+        for source, n in r.by_source.items():
+            total[source] = total.get(source, 0) + n
+    return total
 
 
 def differing(runs: list[Run], base: list[Run], key=lambda r: r.tokens) -> list[int]:
@@ -188,26 +204,39 @@ def quality(runs: dict[str, list[Run]], rules: dict[str, list[Run]], cases: list
     return out
 
 
-def run_bench(engine: Engine, args: argparse.Namespace, cases: list[dict], cfg: LookaheadConfig | None) -> dict:
+def run_bench(engine: Engine, args: argparse.Namespace, cases: list[dict], cfg: LookaheadConfig | None,
+              tree: TreeConfig | None = None) -> dict:
     """Measure every requested method on the cases; a plain dict, ready for JSON."""
     methods = parse_methods(args.methods)
     cfg = cfg or engine.default_lookahead()
+    tree = tree or engine.default_tree()
+    configs = {"lookahead": cfg, "tree": tree}
     reference = Reference(engine) if any(m in REFERENCE_METHODS for m in methods) else None
 
     if any(m in OUR_METHODS for m in methods):
-        warm_engine(engine, cases, [step_shape(cfg)] if "lookahead" in methods else [], args.max_tokens)
+        shapes = [step_shape(cfg)] if "lookahead" in methods else []
+        shapes += [tree_shape(tree.budget)] if "tree" in methods else []
+        warm_engine(engine, cases, shapes, args.max_tokens)
     runs: dict[str, list[Run]] = {}
     for method in methods:
-        run_case(engine, reference, method, cases[0], cfg, args.max_tokens, 1)  # warm-up
-        runs[method] = [run_case(engine, reference, method, case, cfg, args.max_tokens, args.repeat)
+        run_case(engine, reference, method, cases[0], configs.get(method), args.max_tokens, 1)  # warm-up
+        engine.sessions.forget_learned()
+        runs[method] = [run_case(engine, reference, method, case, configs.get(method), args.max_tokens, args.repeat)
                         for case in progress(cases, method, "case")]
     rules: dict[str, list[Run]] = {}
     if not args.no_quality and any("reference" in c for c in cases):
         for method in (m for m in methods if m in OUR_METHODS):
-            rules[method] = [run_case(engine, None, method, case, cfg, args.max_tokens, 1, stop=StopRules())
-                             for case in progress(cases, f"{method}+rules", "case")]
+            engine.sessions.forget_learned()
+            rules[method] = [run_case(engine, None, method, case, configs.get(method), args.max_tokens, 1,
+                                      stop=StopRules()) for case in progress(cases, f"{method}+rules", "case")]
 
     summary = {m: summarize(r) for m, r in runs.items()}
+    summary_rules = {m: summarize(r) for m, r in rules.items()}
+    speedup_rules = {m: {"vs_ar": s["tok_s_aggregate"] / summary_rules["ar"]["tok_s_aggregate"]
+                         if summary_rules["ar"]["tok_s_aggregate"] else None,
+                         "decode_vs_ar": s["decode_tok_s"] / summary_rules["ar"]["decode_tok_s"]
+                         if s["decode_tok_s"] and summary_rules["ar"]["decode_tok_s"] else None}
+                     for m, s in summary_rules.items()} if "ar" in summary_rules else {}
     speedup: dict[str, dict[str, float | None]] = {}
     identical: dict[str, dict[str, float]] = {}
     mismatch: dict[str, list[str]] = {}
@@ -217,15 +246,18 @@ def run_bench(engine: Engine, args: argparse.Namespace, cases: list[dict], cfg: 
         for m in methods:
             base_rate = summary[base]["tok_s_aggregate"]
             speedup.setdefault(m, {})[f"vs_{base}"] = summary[m]["tok_s_aggregate"] / base_rate if base_rate else None
+            base_decode, decode = summary[base]["decode_tok_s"], summary[m]["decode_tok_s"]
+            speedup[m][f"decode_vs_{base}"] = decode / base_decode if decode and base_decode else None
             differ = differing(runs[m], runs[base])
             identical.setdefault(m, {})[f"vs_{base}"] = 1 - len(differ) / len(cases)
             if differ and m != base and f"{base} vs {m}" not in mismatch:
                 mismatch[f"{m} vs {base}"] = [cases[i]["id"] for i in differ]
-    if "ar" in rules and "lookahead" in rules:  # stop rules cut text, so lookahead's cut must be AR's
-        differ = differing(rules["lookahead"], rules["ar"], key=lambda r: r.text)
-        identical.setdefault("lookahead", {})["vs_ar_rules"] = 1 - len(differ) / len(cases)
-        if differ:
-            mismatch["lookahead vs ar (stop rules)"] = [cases[i]["id"] for i in differ]
+    for m in ("lookahead", "tree"):  # stop rules cut text, so each method's cut must be AR's
+        if "ar" in rules and m in rules:
+            differ = differing(rules[m], rules["ar"], key=lambda r: r.text)
+            identical.setdefault(m, {})["vs_ar_rules"] = 1 - len(differ) / len(cases)
+            if differ:
+                mismatch[f"{m} vs ar (stop rules)"] = [cases[i]["id"] for i in differ]
 
     per_case = []
     for i, case in enumerate(cases):
@@ -249,11 +281,14 @@ def run_bench(engine: Engine, args: argparse.Namespace, cases: list[dict], cfg: 
     return {
         **engine_facts(engine),
         "lookahead": str(cfg),
+        "tree": str(tree),
         "cases": len(cases),
         "max_tokens": args.max_tokens,
         "repeat": args.repeat,
         "methods": summary,
+        "methods_rules": summary_rules,
         "speedup": speedup,
+        "speedup_rules": speedup_rules,
         "identical": identical,
         "mismatch": mismatch,
         "quality": quality(runs, rules, cases) if rules else None,
@@ -274,8 +309,22 @@ def report(result: dict) -> str:
     headers = ["method", "p50 ms", "p50 tok/s", "agg tok/s", "x ar", "x generate", "decode tok/s", "tok/step",
                "step ms", "same ar", "same gen"]
     head = (f"{result['engine']}: {result['cases']} cases, {result['max_tokens']} new tokens max, "
-            f"lookahead {result['lookahead']}, median of {result['repeat']} run(s); raw stop, same prompt ids")
+            f"lookahead {result['lookahead']}, tree {result['tree']}, median of {result['repeat']} run(s); raw stop, "
+            "same prompt ids")
     text = head + "\n" + format_table(headers, rows)
+    if result["methods_rules"]:
+        rows = [[name, s["latency_ms_p50"], s["tok_s_aggregate"], result["speedup_rules"].get(name, {}).get("vs_ar"),
+                 s["decode_tok_s"], result["speedup_rules"].get(name, {}).get("decode_vs_ar"), s["tokens_per_step"],
+                 s["step_ms_mean"], result["identical"].get(name, {}).get("vs_ar_rules")]
+                for name, s in result["methods_rules"].items()]
+        text += "\n\nwith stop rules (as users run it)\n" + format_table(
+            ["method", "p50 ms", "agg tok/s", "x ar", "decode tok/s", "decode x ar", "tok/step", "step ms", "same ar"],
+            rows)
+    for label, summaries in (("raw", result["methods"]), ("rules", result["methods_rules"])):
+        for name, s in summaries.items():
+            if s.get("by_source_per_step"):
+                parts = ", ".join(f"{k} {v:.2f}" for k, v in s["by_source_per_step"].items())
+                text += f"\n{name} ({label}): drafted tokens accepted per step by source: {parts}"
     if result["quality"]:
         text += "\n\n" + quality_report(result["quality"])
     return text
@@ -314,10 +363,23 @@ def check_args(args: argparse.Namespace) -> tuple[list[dict], LookaheadConfig | 
     return cases, cfg
 
 
+def tree_config(args: argparse.Namespace) -> TreeConfig | None:
+    """--tree, checked before the model loads (with the cache room a tree step needs)."""
+    if not getattr(args, "tree", None):
+        return None
+    try:
+        tree = TreeConfig.parse(args.tree)
+    except ValueError as exc:
+        raise AheadError(f"--tree: {exc}") from None
+    flags.check_fits(args, args.max_tokens, tree.step_tokens)
+    return tree
+
+
 def main(args: argparse.Namespace) -> int:
     cases, cfg = check_args(args)
+    tree = tree_config(args)
     engine = flags.engine_from_args(args)
-    result = run_bench(engine, args, cases, cfg)
+    result = run_bench(engine, args, cases, cfg, tree)
 
     def draw(path: Path) -> Path:
         from .charts import bar_chart

@@ -25,6 +25,7 @@ from ..prompt import build_prompt
 from ..request import CompletionRequest, Switches
 from ..runner import DECODE, StepShape
 from ..stops import StopRules
+from ..tree_decoding import TreeConfig
 from .commands import DEFAULT_CASES
 
 
@@ -68,16 +69,21 @@ def load_cases(path: str | Path, limit: int | None = None) -> list[dict]:
 
 # -- one cold completion --------------------------------------------------------------------------
 def complete_case(
-    engine: Engine, case: dict, decoding: str, cfg: LookaheadConfig | None, max_tokens: int,
+    engine: Engine, case: dict, decoding: str, cfg: LookaheadConfig | TreeConfig | None, max_tokens: int,
     document: str | None = None, stop: StopRules | None = None,
 ) -> tuple[Completion, float]:
     """One cold completion of a case (no healing, raw stop unless `stop` says otherwise) and its wall time
-    in seconds. No healing: every method then decodes from the same prompt ids, so tokens compare."""
+    in seconds. No healing: every method then decodes from the same prompt ids, so tokens compare.
+    The workspace history and recycling table stay (a case may profit from other cases' completions):
+    callers `forget_learned()` before a pass over the cases, so that no case sees its own earlier output."""
     document = document or f"bench-{case['id']}"
     sync(engine.device)
     started = time.perf_counter()
+    lookahead = cfg if isinstance(cfg, LookaheadConfig) else None
+    tree = cfg if isinstance(cfg, TreeConfig) else None
     request = CompletionRequest(case["prefix"], case["suffix"], document=document, max_tokens=max_tokens,
-                                decoding=decoding, lookahead=cfg, heal=False, stop=stop or StopRules.raw())
+                                decoding=decoding, lookahead=lookahead, tree=tree, heal=False,
+                                stop=stop or StopRules.raw())
     completion = engine.complete(request, switches=Switches(reuse_kv=False, type_through=False))
     seconds = time.perf_counter() - started
     engine.close_document(document)  # the next run starts with a fresh n-gram pool, nothing parked

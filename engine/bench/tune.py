@@ -1,4 +1,5 @@
-"""`ahead tune`: find the lookahead (W, N, G) that decodes fastest for this model on this machine.
+"""`ahead tune`: find the lookahead (W, N, G), or with `--trees` the tree config (rows per step, Jacobi
+window, draft depth, sources), that decodes fastest for this model on this machine.
 
 Each config is a trade: a wider window and more candidates accept more tokens per step, but
 make every step bigger, and past the point where a step stops being bandwidth-bound they cost
@@ -38,6 +39,8 @@ from ..loading import (
 )
 from ..lookahead import LookaheadConfig, step_shape
 from ..runner import DECODE, StepShape
+from ..tree import tree_shape
+from ..tree_decoding import TreeConfig
 from ..tuning_store import store_tuned, tuning_key
 from .harness import (
     capture_shapes,
@@ -71,8 +74,36 @@ def int_list(text: str, flag: str) -> list[int]:
         raise AheadError(f"{flag} takes a comma list of integers (got '{text}')") from None
 
 
-def grid_configs(args: argparse.Namespace) -> list[LookaheadConfig]:
-    """--grid "W,N,G;W,N,G" when given, else the product of --windows, --ngrams and --verify."""
+Config = LookaheadConfig | TreeConfig
+
+
+def shape_of(cfg: Config) -> StepShape:
+    return step_shape(cfg) if isinstance(cfg, LookaheadConfig) else tree_shape(cfg.budget)
+
+
+def kind_of(cfg: Config) -> str:
+    return "lookahead" if isinstance(cfg, LookaheadConfig) else "tree"
+
+
+def describe(cfg: Config) -> dict:
+    """The config's knobs, for the results."""
+    if isinstance(cfg, LookaheadConfig):
+        return {"window": cfg.window, "ngram": cfg.ngram, "verify": cfg.verify, "key": cfg.key}
+    return {"budget": cfg.budget, "window": cfg.window, "levels": cfg.levels, "depth": cfg.depth,
+            "sources": "+".join(cfg.sources)}
+
+
+def grid_configs(args: argparse.Namespace) -> list[Config]:
+    """--trees "B,W,L,D;..." (tree configs) when given, else --grid "W,N,G;W,N,G", else the product of
+    --windows, --ngrams and --verify."""
+    if getattr(args, "trees", None):
+        try:
+            trees = [TreeConfig.parse(part) for part in args.trees.split(";") if part.strip()]
+        except ValueError as exc:
+            raise AheadError(f"--trees: {exc}") from None
+        if not trees:
+            raise AheadError("the grid is empty")
+        return list(dict.fromkeys(trees))
     if args.grid:
         configs = [flags.parse_lookahead(part, "--grid") for part in args.grid.split(";") if part.strip()]
     else:
@@ -85,10 +116,12 @@ def grid_configs(args: argparse.Namespace) -> list[LookaheadConfig]:
 
 
 # -- tuning on the real model ---------------------------------------------------------------------
-def decode_cases(engine: Engine, cases: list[dict], cfg: LookaheadConfig | None, max_tokens: int) -> dict:
-    """All cases decoded cold with AR (cfg None) or lookahead, after one warm-up completion."""
-    decoding = "lookahead" if cfg else "ar"
+def decode_cases(engine: Engine, cases: list[dict], cfg: Config | None, max_tokens: int) -> dict:
+    """All cases decoded cold with AR (cfg None), lookahead or tree decoding, after one warm-up completion
+    (whose learned memory is then forgotten: no case may see its own output)."""
+    decoding = kind_of(cfg) if cfg else "ar"
     complete_case(engine, cases[0], decoding, cfg, max_tokens)
+    engine.sessions.forget_learned()
     tokens, steps, seconds, step_ms, outputs = 0, 0, 0.0, [], []
     for case in cases:
         completion, elapsed = complete_case(engine, case, decoding, cfg, max_tokens)
@@ -107,19 +140,19 @@ def decode_cases(engine: Engine, cases: list[dict], cfg: LookaheadConfig | None,
     }
 
 
-def run_tune(engine: Engine, args: argparse.Namespace, cases: list[dict], configs: list[LookaheadConfig]) -> dict:
+def run_tune(engine: Engine, args: argparse.Namespace, cases: list[dict], configs: list[Config]) -> dict:
     """Sweep the grid on the cases; results sorted fastest first. Stores nothing (see `store_best`)."""
     warm_engine(engine, cases, [], args.max_tokens)
     ar = decode_cases(engine, cases, None, args.max_tokens)
     spans = decode_spans(engine, cases, args.max_tokens)
     results = []
     for cfg in progress(configs, "tune", "config"):
-        capture_shapes(engine, [step_shape(cfg)], spans)
+        capture_shapes(engine, [shape_of(cfg)], spans)
         got = decode_cases(engine, cases, cfg, args.max_tokens)
         same = sum(a == b for a, b in zip(got["outputs"], ar["outputs"], strict=True)) / len(cases)
         results.append({
-            "config": str(cfg), "window": cfg.window, "ngram": cfg.ngram, "verify": cfg.verify,
-            "key": cfg.key, "step_tokens": cfg.step_tokens, "tok_s": got["tok_s"],
+            "config": str(cfg), "kind": kind_of(cfg), **describe(cfg), "step_tokens": cfg.step_tokens,
+            "tok_s": got["tok_s"],
             "speedup_vs_ar": got["tok_s"] / ar["tok_s"] if ar["tok_s"] else None,
             "tokens_per_step": got["tokens_per_step"], "step_ms_mean": got["step_ms_mean"], "identical": same,
         })
@@ -144,8 +177,10 @@ def store_best(engine: Engine, result: dict, store: bool | None) -> dict:
     if store is None and compared < 2:
         return {"stored": False, "why": "only one config was measured; pass --store to make it the default anyway"}
     summary = {k: best[k] for k in ("tok_s", "speedup_vs_ar", "tokens_per_step")}
-    path = store_tuned(engine, LookaheadConfig.parse(best["config"]), summary)
-    return {"stored": True, "config": best["config"], "path": str(path), "key": tuning_key(engine),
+    kind = best.get("kind", "lookahead")
+    parse = LookaheadConfig.parse if kind == "lookahead" else TreeConfig.parse
+    path = store_tuned(engine, parse(best["config"]), summary, kind)
+    return {"stored": True, "kind": kind, "config": best["config"], "path": str(path), "key": tuning_key(engine),
             "compared": compared}
 
 
@@ -245,7 +280,7 @@ def tokens_per_step_from(path: str | None) -> dict[str, float]:
         raise AheadError(f"--tokens-per-step-from {path} is not an `ahead tune --json` output ({exc})") from None
 
 
-def run_shape(engine: Engine, args: argparse.Namespace, configs: list[LookaheadConfig],
+def run_shape(engine: Engine, args: argparse.Namespace, configs: list[Config],
               real_tps: dict[str, float]) -> dict:
     """Step times of every config against the AR step at `--context` tokens, and the bandwidth floor."""
     context = args.context
@@ -254,11 +289,11 @@ def run_shape(engine: Engine, args: argparse.Namespace, configs: list[LookaheadC
     ar_ms = time_step(engine, DECODE, context, args.replays)
     results = []
     for cfg in progress(configs, "steps", "config"):
-        ms = time_step(engine, step_shape(cfg), context, args.replays)
+        ms = time_step(engine, shape_of(cfg), context, args.replays)
         tps = real_tps.get(str(cfg))
         results.append({
-            "config": str(cfg), "window": cfg.window, "ngram": cfg.ngram, "verify": cfg.verify,
-            "key": cfg.key, "step_tokens": cfg.step_tokens, "step_ms": ms, "ar_over_step": ar_ms / ms,
+            "config": str(cfg), "kind": kind_of(cfg), **describe(cfg), "step_tokens": cfg.step_tokens,
+            "step_ms": ms, "ar_over_step": ar_ms / ms,
             "tokens_per_step": tps, "projected_speedup": tps * ar_ms / ms if tps else None,
         })
     engine.sessions.invalidate_working_cache()
@@ -294,38 +329,50 @@ def report(result: dict) -> str:
                 f"({result['bandwidth'] / 1e12:.2f} TB/s), step/floor {result['ar_step_over_floor']:.2f}")
         rows = [[r["config"], r["step_tokens"], r["step_ms"], r["ar_over_step"], r["tokens_per_step"],
                  r["projected_speedup"]] for r in result["results"]]
-        return head + "\n" + format_table(["W,N,G", "T", "step ms", "ar/step", "tok/step", "proj. speedup"], rows)
+        return head + "\n" + format_table([config_header(result), "T", "step ms", "ar/step", "tok/step",
+                                            "proj. speedup"], rows)
     ar = result["ar"]
     head = (f"{result['engine']}: {result['cases']} cases, {result['max_tokens']} new tokens max; "
             f"AR {ar['tok_s']:.1f} tok/s, {ar['step_ms_mean']:.3g} ms/step")
     rows = [[r["config"], r["step_tokens"], r["tok_s"], r["speedup_vs_ar"], r["tokens_per_step"], r["step_ms_mean"],
              r["identical"]] for r in result["results"]]
-    return head + "\n" + format_table(["W,N,G", "T", "tok/s", "x ar", "tok/step", "step ms", "same ar"], rows)
+    return head + "\n" + format_table([config_header(result), "T", "tok/s", "x ar", "tok/step", "step ms", "same ar"],
+                                       rows)
+
+
+def config_header(result: dict) -> str:
+    return "W,N,G" if all(r.get("kind", "lookahead") == "lookahead" for r in result["results"]) else "config"
 
 
 def chart(path: Path, result: dict) -> Path:
-    """One W x N heatmap per G, of tok/s (or, with --shape, the projected speedup or ar/step ratio)."""
+    """One W x N heatmap per G (trees: one budget x window heatmap per source set), of tok/s (or, with
+    --shape, the projected speedup or ar/step ratio)."""
     from .charts import heatmaps
 
     rows = result["results"]
+    tree = any(r.get("kind") == "tree" for r in rows)
+    row_key, col_key, panel_key = ("budget", "window", "sources") if tree else ("window", "ngram", "verify")
+    rows = [r for r in rows if r.get("kind", "lookahead") == ("tree" if tree else "lookahead")]
     if "shape" in result:
         key = "projected_speedup" if any(r["projected_speedup"] for r in rows) else "ar_over_step"
         title = f"random {result['shape']} on {result['device']}"
     else:
         key, title = "tok_s", f"{Path(result['model']).name} on {result['device']} ({result['dtype']})"
-    windows = sorted({r["window"] for r in rows})
-    ngrams = sorted({r["ngram"] for r in rows})
+    windows = sorted({r[row_key] for r in rows})
+    ngrams = sorted({r[col_key] for r in rows})
     panels = {}
-    for g in sorted({r["verify"] for r in rows}):
-        value = {(r["window"], r["ngram"]): r[key] for r in rows if r["verify"] == g}
+    for g in sorted({r[panel_key] for r in rows}):
+        value = {(r[row_key], r[col_key]): r[key] for r in rows if r[panel_key] == g}
         grid = [[math.nan if value.get((w, n)) is None else value[w, n] for n in ngrams] for w in windows]
-        panels[f"G = {g}"] = ([str(w) for w in windows], [str(n) for n in ngrams], grid)
+        panels[f"{panel_key} = {g}" if tree else f"G = {g}"] = ([str(w) for w in windows], [str(n) for n in ngrams],
+                                                                grid)
     label = {"tok_s": "tokens/s", "projected_speedup": "projected speedup over AR",
              "ar_over_step": "AR step time / lookahead step time"}[key]
-    return heatmaps(path, panels, title, label, row_name="W (window)", col_name="N (n-gram)")
+    names = ("B (rows per step)", "W (Jacobi window)") if tree else ("W (window)", "N (n-gram)")
+    return heatmaps(path, panels, title, label, row_name=names[0], col_name=names[1])
 
 
-def check_args(args: argparse.Namespace) -> tuple[list[LookaheadConfig], list[dict], dict[str, float]]:
+def check_args(args: argparse.Namespace) -> tuple[list[Config], list[dict], dict[str, float]]:
     """Everything the flags say that can be wrong, found before the model loads: (configs, cases, and
     with --shape the tokens per step of an earlier run)."""
     configs = grid_configs(args)
@@ -353,8 +400,8 @@ def main(args: argparse.Namespace) -> int:
         result["stored"] = store_best(engine, result, args.store)
         stored = result["stored"]
         if stored["stored"]:
-            print(f"ahead: stored lookahead {stored['config']} (fastest of {stored['compared']}) as the default for "
-                  f"{stored['key']} in {stored['path']}", file=sys.stderr)
+            print(f"ahead: stored {stored['kind']} {stored['config']} (fastest of {stored['compared']}) as the default "
+                  f"for {stored['key']} in {stored['path']}", file=sys.stderr)
         else:
             print(f"ahead: stored no default ({stored['why']})", file=sys.stderr)
     name = "tune-shape.png" if args.shape else "tune.png"

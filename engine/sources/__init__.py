@@ -1,0 +1,42 @@
+"""Candidate sources for tree decoding: each guesses continuations of the committed tokens.
+
+One verifier (`engine/tree.py`) checks every source's guesses in a single forward, so a source
+only has to say what it believes comes next and how it would like its confidence judged:
+`Draft.key` names its calibration bucket (e.g. the length of the match it came from), or
+`Draft.probs` gives per-token probabilities it knows better than any bucket (Token Recycling).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Draft:
+    source: str  # the source's name, for calibration and accounting
+    tokens: tuple[int, ...]  # guessed continuation after the last committed token
+    key: str = ""  # calibration bucket within the source (e.g. "m4": a 4-token match)
+    probs: tuple[float, ...] | None = None  # per-token conditional probabilities, when the source has them
+
+
+class Source(Protocol):
+    """Text-only sources: they see committed tokens and propose continuations of them."""
+
+    name: str
+
+    def propose(self, seq: list[int], depth: int, limit: int) -> list[Draft]:
+        """At most `limit` drafts of at most `depth` tokens continuing `seq`, best first."""
+        ...
+
+    def observe(self, seq: list[int], new: int) -> None:
+        """The last `new` tokens of `seq` were just committed."""
+        ...
+
+
+def match_bucket(length: int) -> str:
+    """Calibration bucket of a match length: longer matches predict longer continuations."""
+    for limit in (1, 2, 4, 8):
+        if length <= limit:
+            return f"m{limit}"
+    return "m9+"

@@ -1,0 +1,164 @@
+"""The candidate tree: drafts from every source merged into one token trie, laid out as one
+fixed-size step, verified against the step's own greedy predictions.
+
+Step layout (T rows, a fixed budget per shape; base slot p = len(seq) - 1):
+  row 0                    the last committed token (the trie's root), position p
+  rows 1 .. J              the Jacobi window, if any (`sources.jacobi`): v1's layout
+  rows J+1 .. J+n          chosen trie nodes, parents before children: a node at depth d sits at
+                           position p + d and sees row 0, its ancestors and itself
+  the rest                 padding: the root's token seeing only itself; nobody sees it
+A node is accepted when its parent is and its token is the parent row's greedy prediction; the
+longest accepted path plus the last accepted row's prediction is committed, so the output is
+exactly greedy decoding's.
+
+The runner bakes a shape's mask into its CUDA graphs by reference, so one `StepShape` per budget
+is captured once and every step rewrites its positions and mask in place (`load`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import torch
+
+from .runner import Runner, StepShape
+
+
+@dataclass
+class Node:
+    token: int
+    parent: int  # index of the parent node; -1 for the root
+    depth: int  # tokens after the root
+    prob: float = 0.0  # chance this node is accepted given that its parent is
+    score: float = 1.0  # chance it is accepted: the product of `prob` along its path
+    keys: dict[str, str] = field(default_factory=dict)  # source -> calibration key, for every source proposing it
+    children: dict[int, int] = field(default_factory=dict)  # token -> node index
+
+
+class TokenTrie:
+    """Drafts merged by shared prefix: a prefix proposed by several sources costs one row."""
+
+    def __init__(self, root: int):
+        self.nodes = [Node(root, -1, 0)]
+
+    def insert(self, tokens: tuple[int, ...] | list[int], source: str, keys: list[str]) -> None:
+        """Add one draft; `keys[i]` is the calibration key of its i-th token."""
+        node = 0
+        for token, key in zip(tokens, keys, strict=True):
+            child = self.nodes[node].children.get(token)
+            if child is None:
+                child = len(self.nodes)
+                self.nodes.append(Node(token, node, self.nodes[node].depth + 1))
+                self.nodes[node].children[token] = child
+            self.nodes[child].keys.setdefault(source, key)
+            node = child
+
+    def score(self, prob) -> None:
+        """Set every node's acceptance chance; `prob(source, key, depth)` is one source's belief, and
+        sources agreeing on a token are treated as independent witnesses: 1 - prod(1 - p)."""
+        for node in self.nodes[1:]:  # parents are created before their children
+            miss = 1.0
+            for source, key in node.keys.items():
+                miss *= 1.0 - prob(source, key, node.depth)
+            node.prob = 1.0 - miss
+            node.score = self.nodes[node.parent].score * node.prob
+
+    def select(self, budget: int) -> list[int]:
+        """The `budget` nodes most likely to be accepted, parents before children. Scores never grow
+        along a path, so the chosen set always holds each chosen node's parent."""
+        ranked = sorted(range(1, len(self.nodes)), key=lambda i: (-self.nodes[i].score, self.nodes[i].depth, i))
+        chosen = ranked[:budget]
+        return sorted(chosen, key=lambda i: (self.nodes[i].depth, i))
+
+    def path(self, node: int) -> list[int]:
+        """Node indices from the root's child down to `node`."""
+        out = []
+        while node > 0:
+            out.append(node)
+            node = self.nodes[node].parent
+        return out[::-1]
+
+
+@lru_cache(maxsize=16)
+def tree_shape(size: int) -> StepShape:
+    """The one shape of a `size`-row budget; `load` fills its positions and mask for each step."""
+    local = torch.eye(size, dtype=torch.bool)
+    local[:, 0] = True
+    return StepShape(f"tree{size}", torch.zeros(size, dtype=torch.long), local, logits=True)
+
+
+@dataclass
+class TreeStep:
+    """One step's rows: tokens, positions and mask, and where each chosen trie node sits."""
+
+    tokens: list[int]
+    rel_pos: torch.Tensor
+    local: torch.Tensor
+    row_of: dict[int, int]  # trie node -> row
+    used: int  # rows holding real tokens (the rest is padding)
+    parent_row: dict[int, int] = field(default_factory=dict)  # tree row -> the row of its parent (0: the root)
+
+    def previous(self, before_root: int | None) -> list[int | None]:
+        """The token before each used row's token on its path (None where unknown: the Jacobi window)."""
+        out: list[int | None] = [before_root] + [None] * (self.used - 1)
+        for row, parent in self.parent_row.items():
+            out[row] = self.tokens[parent]
+        return out
+
+
+def build_step(size: int, trie: TokenTrie, chosen: list[int], window: StepShape | None = None,
+               window_tokens: list[int] = ()) -> TreeStep:
+    """Lay out the root, the Jacobi window (its rows and mask as `window` has them) and the chosen nodes."""
+    root = trie.nodes[0].token
+    first = 1 + len(window_tokens)
+    if first + len(chosen) > size:
+        raise ValueError(f"{len(chosen)} tree nodes and {first} other rows exceed the {size}-row budget")
+    rel = [0] + [1] * (size - 1)
+    seen_rows: list[int] = []  # (row, visible row) pairs of the tree rows, flattened: one indexing op for all
+    seen_cols: list[int] = []
+    row_of: dict[int, int] = {}
+    parent_row: dict[int, int] = {}
+    ancestors: dict[int, list[int]] = {0: [0]}  # node -> rows it sees (the root's row, its ancestors', its own)
+    tokens = [root, *window_tokens]
+    for row, i in enumerate(chosen, first):
+        node = trie.nodes[i]
+        row_of[i] = row
+        parent_row[row] = row_of.get(node.parent, 0)
+        tokens.append(node.token)
+        rel[row] = node.depth
+        visible = ancestors[i] = [*ancestors[node.parent], row]
+        seen_rows.extend([row] * len(visible))
+        seen_cols.extend(visible)
+    local = torch.eye(size, dtype=torch.bool)
+    local[seen_rows, seen_cols] = True
+    rel_pos = torch.tensor(rel)
+    if window is not None and window_tokens:
+        rel_pos[:first] = window.rel_pos
+        local[:first, :first] = window.local
+    used = len(tokens)
+    tokens.extend([root] * (size - used))
+    return TreeStep(tokens, rel_pos, local, row_of, used, parent_row)
+
+
+def load(runner: Runner, shape: StepShape, step: TreeStep) -> None:
+    """Write this step's positions and mask into the tensors the runner (and its captured graphs) read.
+
+    The runner keeps one device copy per shape name and reads it inside `step`; on the CPU that copy
+    is the shape's own tensor. (A public `Runner.set_layout` would make this hook unnecessary.)
+    """
+    rel_pos, local = runner._on_device(shape)
+    rel_pos.copy_(step.rel_pos, non_blocking=True)
+    local.copy_(step.local, non_blocking=True)
+
+
+def accept(trie: TokenTrie, step: TreeStep, pred: list[int]) -> tuple[list[int], int]:
+    """(accepted node indices from the root down, the greedy token after the last of them)."""
+    path: list[int] = []
+    node, row = 0, 0
+    while True:
+        child = trie.nodes[node].children.get(pred[row])
+        if child is None or child not in step.row_of:
+            return path, pred[row]
+        path.append(child)
+        node, row = child, step.row_of[child]

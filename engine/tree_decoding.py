@@ -1,0 +1,163 @@
+"""Tree decoding: every source's drafts verified in one fixed-size step, budget spent by confidence.
+
+Each step asks the sources for drafts, merges them into a token trie, scores every node by how
+likely it is to be accepted (each source's calibrated belief, `Calibration`), and fills the step's
+rows with the most likely nodes: a long confident match grows deep, disagreeing sources grow wide.
+The Jacobi window takes rows only while it pays for them. Output is exactly greedy decoding's.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from .decoding import DecodeState, decode_ar
+from .runner import Runner
+from .sources import Draft, Source
+from .sources.jacobi import JacobiWindow
+from .sources.recycling import Recycling
+from .tree import TokenTrie, accept, build_step, load, tree_shape
+
+SOURCES = ("prompt", "history", "recycling", "jacobi")
+# Prior acceptance chance of a source's token before any evidence (weight PRIOR_WEIGHT observations).
+PRIORS = {"prompt": 0.4, "history": 0.5, "jacobi": 0.2, "recycling": 0.3}
+PRIOR_WEIGHT = 4.0
+WINDOW_PROBE = 8  # steps the Jacobi window gets to prove that its rows pay
+
+
+@dataclass(frozen=True)
+class TreeConfig:
+    budget: int = 32  # rows per step, root and window included: one fixed shape (a CUDA graph per cache length)
+    window: int = 0  # Jacobi window columns W (0: none)
+    levels: int = 2  # Jacobi window levels (its n-grams are levels + 1 long)
+    depth: int = 12  # longest draft, in tokens
+    sources: tuple[str, ...] = SOURCES
+
+    @classmethod
+    def parse(cls, text: str) -> TreeConfig:
+        """"B", "B,W,L" or "B,W,L,D", optionally ":source+source" (default: all of prompt, history,
+        recycling, jacobi)."""
+        sizes, _, names = text.partition(":")
+        parts = [int(x) for x in sizes.split(",") if x.strip()]
+        sources = tuple(n.strip() for n in names.split("+") if n.strip()) if names else SOURCES
+        if not 1 <= len(parts) <= 4 or min(parts) < 0 or (set(sources) - set(SOURCES)) or not sources:
+            raise ValueError(f"tree config must be B[,W,L[,D]][:{'+'.join(SOURCES)}] (got '{text}')")
+        cfg = cls(*parts, sources=sources)
+        if cfg.budget < 1 or cfg.depth < 1 or (cfg.window and cfg.levels < 1):
+            raise ValueError(f"tree config needs B >= 1, D >= 1 and L >= 1 with a window (got '{text}')")
+        if cfg.budget < 1 + cfg.window_rows:
+            raise ValueError(f"a {cfg.budget}-row budget cannot hold a {cfg.window}x{cfg.levels} window (got '{text}')")
+        return cfg
+
+    @property
+    def window_rows(self) -> int:
+        return self.window * self.levels if "jacobi" in self.sources else 0
+
+    @property
+    def step_tokens(self) -> int:
+        return self.budget
+
+    def __str__(self) -> str:
+        text = f"{self.budget},{self.window},{self.levels},{self.depth}"
+        return text if self.sources == SOURCES else f"{text}:{'+'.join(self.sources)}"
+
+
+class Calibration:
+    """How often each source's guesses are right, learned across requests: per (source, key, depth)
+    the accepted and offered counts of tokens whose parent was right, smoothed towards a prior."""
+
+    def __init__(self):
+        self.counts: dict[tuple[str, str, int], list[float]] = {}
+
+    def prob(self, source: str, key: str, depth: int) -> float:
+        accepted, offered = self.counts.get((source, key, min(depth, 8)), (0.0, 0.0))
+        prior = PRIORS.get(source, 0.3) if not key.startswith("p") else float(key[1:])
+        return (accepted + prior * PRIOR_WEIGHT) / (offered + PRIOR_WEIGHT)
+
+    def learn(self, trie: TokenTrie, truth: list[int]) -> None:
+        """Every node whose parent lies on the true path was a guess at truth[depth - 1]: count it."""
+        on_path = {0}
+        for i, node in enumerate(trie.nodes[1:], 1):  # parents come first
+            if node.parent not in on_path or node.depth > len(truth):
+                continue
+            right = node.token == truth[node.depth - 1]
+            if right:
+                on_path.add(i)
+            for source, key in node.keys.items():
+                entry = self.counts.setdefault((source, key, min(node.depth, 8)), [0.0, 0.0])
+                entry[0] += right
+                entry[1] += 1
+
+
+@dataclass
+class Drafters:
+    """Everything that proposes drafts for one request, and the calibration that weighs them."""
+
+    text: list[Source] = field(default_factory=list)  # sources that only read committed text
+    recycling: Recycling | None = None  # reads each step's logits
+    window: JacobiWindow | None = None  # takes rows of the step itself
+    calibration: Calibration = field(default_factory=Calibration)
+
+
+def token_keys(draft: Draft) -> list[str]:
+    """Calibration key of each token of a draft: its probability bucket when the source gave one."""
+    if draft.probs is None:
+        return [draft.key] * len(draft.tokens)
+    return [f"p{next(b for b in (0.9, 0.6, 0.3, 0.1, 0.03, 0.0) if p >= b)}" for p in draft.probs]
+
+
+def decode_tree(runner: Runner, state: DecodeState, cfg: TreeConfig, drafters: Drafters) -> None:
+    """Greedy decoding, several tokens per step where the drafts are right."""
+    if cfg.budget < 2:
+        return decode_ar(runner, state)
+    shape = tree_shape(cfg.budget)
+    sources, recycling, window, calibration = drafters.text, drafters.recycling, drafters.window, drafters.calibration
+    proposers: list[Source] = [*sources, *([recycling] if recycling else []), *([window] if window else [])]
+    seq = state.seq
+    window_steps = window_gain = 0
+    while not state.done():
+        started = time.perf_counter()
+        p = len(seq) - 1
+        rows = window.rows if window else 0
+        room = cfg.budget - 1 - rows
+        trie = TokenTrie(seq[-1])
+        for source in proposers:
+            for draft in source.propose(seq, cfg.depth, room):
+                trie.insert(draft.tokens, draft.source, token_keys(draft))
+        trie.score(calibration.prob)
+        chosen = trie.select(room)
+        step = build_step(cfg.budget, trie, chosen, window.layout() if window else None,
+                          window.tokens() if window else ())
+        load(runner, shape, step)
+        argmax, logits = runner.step(shape, step.tokens, p)
+        pred = argmax.tolist()
+
+        path, bonus = accept(trie, step, pred)
+        commit = [trie.nodes[i].token for i in path] + [bonus]
+        calibration.learn(trie, commit)
+        if recycling is not None:
+            recycling.learn(step.tokens[: step.used], logits, step.previous(seq[-2] if len(seq) > 1 else None))
+        kept = state.commit(commit, started)
+        moved = min(len(path), kept - 1)
+        if moved > 0:
+            runner.move_slots([p + step.row_of[i] for i in path[:moved]], [p + 1 + k for k in range(moved)])
+        drafted = path[:kept]  # committed tokens that drafts got right (the bonus is the model's own)
+        for i in drafted:
+            for source in trie.nodes[i].keys:
+                state.by_source[source] = state.by_source.get(source, 0) + 1
+            if set(trie.nodes[i].keys) == {"jacobi"}:
+                window_gain += 1
+        if drafted:
+            state.pool_hits += 1
+        for source in sources:
+            source.observe(seq, kept)
+        if window is not None:
+            window.update(pred)
+            window_steps += 1
+            # The window's rows must earn at least what the weakest tree rows are expected to.
+            # (Rows the tree leaves empty are padding anyway: there the window costs nothing.)
+            if window_steps >= WINDOW_PROBE:
+                weakest = min(trie.nodes[i].score for i in chosen) if len(chosen) >= room else 0.0
+                if window_gain / (window_steps * window.rows) < max(weakest, 0.02):
+                    proposers.remove(window)
+                    window = None

@@ -1,0 +1,459 @@
+"""Tree decoding must produce exactly greedy AR's tokens: every source alone, all together, and the
+verifier on hand-made trees (shared prefixes, wrong branches, an empty tree, a stop token inside
+an accepted path). Tiny random models cover shapes and edge cases in milliseconds; the real SmolLM2
+weights on bench code check that the default settings really accept several tokens per step.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import complete
+
+from engine.decoding import DecodeState, decode_ar
+from engine.request import CompletionRequest
+from engine.sources import Draft
+from engine.sources.history import HistoryLookup, SuffixAutomaton
+from engine.sources.jacobi import JacobiWindow
+from engine.sources.prompt_lookup import PromptLookup
+from engine.sources.recycling import Recycling
+from engine.tree import TokenTrie, accept, build_step
+from engine.tree_decoding import SOURCES, Calibration, Drafters, TreeConfig, decode_tree
+
+REPETITIVE = "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1)\n" * 3
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+class Scripted:
+    """A source that knows the greedy continuation (`truth`, after `start` committed tokens) and proposes
+    it together with wrong variants that share its prefix, so that the trie has real branches."""
+
+    name = "scripted"
+
+    def __init__(self, truth: list[int], start: int, depth: int = 5, vocab: int = 512):
+        self.truth, self.start, self.depth, self.vocab = truth, start, depth, vocab
+
+    def propose(self, seq: list[int], depth: int, limit: int) -> list[Draft]:
+        done = len(seq) - self.start
+        right = tuple(self.truth[done : done + min(depth, self.depth)])
+        if not right:
+            return []
+        wrong_first = ((right[0] + 1) % self.vocab,) + right[1:]  # a sibling at depth 1
+        wrong_third = right[:2] + ((right[2] + 7) % self.vocab,) if len(right) > 2 else ()  # shares 2 tokens
+        drafts = [Draft(self.name, wrong_first, "x"), Draft(self.name, right, "x")]
+        if wrong_third:
+            drafts.append(Draft(self.name, wrong_third, "x"))
+        return drafts[:limit]
+
+    def observe(self, seq: list[int], new: int) -> None:
+        pass
+
+
+def decode(engine, ids: list[int], stop: frozenset[int] = frozenset(), cfg: TreeConfig | None = None,
+           drafters: Drafters | None = None, max_new: int = 40) -> DecodeState:
+    """Drive AR (cfg None) or tree decoding directly on the engine's runner, with our own stop set."""
+    engine.sessions.invalidate_working_cache()
+    engine.runner.prefill(ids[:-1], 0)
+    state = DecodeState(list(ids), max_new, stop)
+    if cfg is None:
+        decode_ar(engine.runner, state)
+    else:
+        decode_tree(engine.runner, state, cfg, drafters or Drafters())
+    return state
+
+
+def check_stats(state: DecodeState) -> None:
+    """Per-step accounting adds up: every committed token belongs to exactly one step."""
+    assert sum(state.accepted) == len(state.new) and state.steps == len(state.accepted)
+
+
+# -- the trie and the step layout -------------------------------------------------------------------
+def test_trie_shares_prefixes_and_selects_whole_paths() -> None:
+    """Drafts with a common prefix share its nodes (one row each), and a budget cut keeps every chosen node's
+    parent: catches a trie that duplicates prefixes or a selection that orphans a node."""
+    trie = TokenTrie(root=1)
+    trie.insert((5, 6, 7, 8), "a", ["k"] * 4)
+    trie.insert((5, 6, 9), "b", ["k"] * 3)
+    trie.insert((4,), "a", ["k"])
+    assert len(trie.nodes) == 1 + 4 + 1 + 1  # 5 and 6 are shared
+    assert trie.nodes[trie.nodes[0].children[5]].keys == {"a": "k", "b": "k"}
+    probs = {"a": 0.5, "b": 0.9}
+    trie.score(lambda source, key, depth: probs[source])
+    five = trie.nodes[trie.nodes[0].children[5]]
+    assert five.prob == pytest.approx(1 - 0.5 * 0.1)  # two sources agreeing are more likely right
+    for budget in range(len(trie.nodes)):
+        chosen = trie.select(budget)
+        assert len(chosen) == budget
+        assert all(trie.nodes[i].parent == 0 or trie.nodes[i].parent in chosen[:k] for k, i in enumerate(chosen))
+    # Budget 3: the confident shared path 5, 6 and source b's continuation 9 beat a's lone 4 and deep 7.
+    assert [trie.nodes[i].token for i in trie.select(3)] == [5, 6, 9]
+
+
+def test_build_step_layout() -> None:
+    """Each node sits at position p + depth and sees the root, its ancestors and itself; the window keeps v1's
+    layout; padding rows see only themselves. Catches a mask that leaks a sibling's K/V into a node."""
+    trie = TokenTrie(root=3)
+    trie.insert((10, 11, 12), "a", ["k"] * 3)
+    trie.insert((10, 20), "a", ["k"] * 2)
+    trie.insert((30,), "a", ["k"])
+    trie.score(lambda *_: 0.5)
+    chosen = trie.select(8)
+    assert len(chosen) == len(trie.nodes) - 1 == 5  # a budget larger than the trie takes all of it
+    window = JacobiWindow(2, 2, [1, 2, 3, 4, 5, 6], None)
+    step = build_step(16, trie, chosen, window.layout(), window.tokens())
+    first = 1 + window.rows
+    assert step.used == first + 5 and step.tokens[step.used :] == [3] * (16 - step.used)
+    assert torch.equal(step.local[:first, :first], window.layout().local)
+    assert torch.equal(step.rel_pos[:first], window.layout().rel_pos)
+    for i, row in step.row_of.items():
+        node = trie.nodes[i]
+        assert step.tokens[row] == node.token and int(step.rel_pos[row]) == node.depth
+        seen = set(torch.nonzero(step.local[row]).flatten().tolist())
+        assert seen == {0, row} | {step.row_of[a] for a in trie.path(i)[:-1]}
+    for row in range(step.used, 16):
+        assert set(torch.nonzero(step.local[row]).flatten().tolist()) == {row}
+    with pytest.raises(ValueError):
+        build_step(8, trie, chosen, window.layout(), window.tokens())  # root + 4 window rows + 5 nodes > 8
+
+
+def test_accept_walks_the_greedy_path_only() -> None:
+    """Acceptance follows the parent row's prediction, never a node that was left out of the step."""
+    trie = TokenTrie(root=1)
+    trie.insert((5, 6, 7), "a", ["k"] * 3)
+    trie.insert((5, 8), "a", ["k"] * 2)
+    trie.score(lambda *_: 0.9)
+    chosen = trie.select(3)  # 5, 6, 7 (or 8): one node of depth 2 or 3 is left out
+    step = build_step(8, trie, chosen)
+    pred = [0] * 8
+    pred[0] = 5
+    pred[step.row_of[trie.nodes[0].children[5]]] = 8 if 8 in [trie.nodes[i].token for i in chosen] else 6
+    path, bonus = accept(trie, step, pred)
+    assert [trie.nodes[i].token for i in path][:2] in ([5, 8], [5, 6])
+    pred[0] = 9  # the model disagrees at once: nothing accepted, its own token is the bonus
+    assert accept(trie, step, pred) == ([], 9)
+
+
+# -- the sources ------------------------------------------------------------------------------------
+def test_prompt_lookup_longest_match_variable_length() -> None:
+    """The longest earlier match comes first and its continuation runs as far as the text (and depth) allow;
+    catches fixed-length n-gram lookup and recency beating a longer match."""
+    text = [1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 2, 3, 40, 41, 9, 1, 2, 3]
+    lookup = PromptLookup(text)
+    drafts = lookup.propose(text, depth=10, limit=4)
+    assert drafts[0].tokens == (4, 5, 6, 7, 8, 9, 0, 2, 3, 40) and drafts[0].key == "m4"  # match 1,2,3
+    assert drafts[1].tokens == (40, 41, 9, 1, 2, 3) and drafts[1].key == "m2"  # only 2,3 matches
+    lookup.observe(text + [4, 5], 2)  # the text grows: 1,2,3,4,5 now matches 5 tokens back
+    assert lookup.propose(text + [4, 5], 3, 1)[0].tokens == (6, 7, 8)
+    assert PromptLookup([7]).propose([7], 4, 4) == []
+    suffix_only = PromptLookup([5, 1, 2], extra=[1, 2, 99, 98])  # the code after the cursor, not in the prompt
+    assert suffix_only.propose([5, 1, 2], 4, 4)[0].tokens == (99, 98, 5, 1)
+
+
+def test_suffix_automaton_matches_and_branches() -> None:
+    """Every token that followed the matched suffix in the history is a branch, most recent first; records never
+    run into each other; a full automaton keeps its newest records. Catches a broken automaton construction."""
+    sam = SuffixAutomaton(max_tokens=64)
+    sam.add([1, 2, 3, 4, 5])
+    sam.add([9, 2, 3, 7, 8])
+    lookup = HistoryLookup({"doc": sam}, [0, 2, 3])
+    assert [d.tokens for d in lookup.propose([0, 2, 3], 5, 4)] == [(7, 8), (4, 5)]
+    lookup.observe([0, 2, 3, 4], 1)
+    assert [d.tokens for d in lookup.propose([0, 2, 3, 4], 5, 4)] == [(5,)]  # the record ends: no 9 after 5
+    lookup.observe([0, 2, 3, 4, 6], 1)
+    assert lookup.propose([0, 2, 3, 4, 6], 5, 4) == []  # no match any more
+    # Brute force on random records: the reported match is the longest suffix that occurs in some record.
+    g = torch.Generator().manual_seed(0)
+    records = [torch.randint(0, 6, (12,), generator=g).tolist() for _ in range(4)]
+    sam = SuffixAutomaton(max_tokens=1000)
+    for r in records:
+        sam.add(r)
+    text = torch.randint(0, 6, (30,), generator=g).tolist()
+    state = matched = 0
+    for n, c in enumerate(text, 1):
+        state, matched = sam.step(state, matched, c)
+        best = max(m for m in range(0, min(n, 12) + 1)
+                   if m == 0 or any(r[i : i + m] == text[n - m : n] for r in records for i in range(len(r) - m + 1)))
+        assert matched == best, (n, matched, best)
+    full = SuffixAutomaton(max_tokens=20)
+    for k in range(10):
+        full.add([100 + k] * 3)
+    assert len(full.text) <= 20 and full.records[-1] == [109] * 3 and [100] * 3 not in full.records
+
+
+def test_recycling_grows_the_most_probable_tree() -> None:
+    """The table keeps each token's latest top-k successors from the logits; drafts are the root-to-leaf paths
+    of the best-first tree. Catches a table keyed by the wrong row and a tree that ignores probabilities."""
+    rec = Recycling(top_k=2)
+    logits = torch.full((3, 10), -30.0)
+    logits[0, 4], logits[0, 5] = 5.0, 4.0  # after token 1: 4 (likely) or 5
+    logits[1, 6], logits[1, 7] = 5.0, 1.0  # after token 4: 6, rarely 7
+    logits[2, 8], logits[2, 9] = 3.0, 3.0  # after token 6: 8 or 9
+    rec.learn([1, 4, 6], logits)
+    assert rec.table[1][0] == (4, 5) and rec.table[4][0] == (6, 7)
+    assert rec.table[1][1][0] == pytest.approx(torch.softmax(logits[0], -1)[4].item(), rel=1e-5)
+    drafts = rec.propose([0, 1], depth=3, limit=4)
+    # Best 4 nodes: 4 (.73), 4-6 (.72), 4-6-8 and 4-6-9 (.36 each) beat 5 (.27).
+    assert sorted(d.tokens for d in drafts) == [(4, 6, 8), (4, 6, 9)]
+    assert all(d.probs is not None and len(d.probs) == len(d.tokens) for d in drafts)
+    assert rec.propose([0, 2], 3, 4) == []  # nothing known about token 2
+    assert len(rec.propose([0, 1], depth=1, limit=4)) == 2  # depth 1: just the two successors
+    # Successors seen after the pair (7, 1) win over token 1's own, for that pair only.
+    after_pair = torch.full((1, 10), -30.0)
+    after_pair[0, 3] = 9.0
+    rec.learn([1], after_pair, previous=[7])
+    assert rec.propose([7, 1], depth=1, limit=1)[0].tokens == (3,)
+    assert rec.propose([0, 1], depth=1, limit=1)[0].tokens == (3,)  # the plain table saw the newest row too
+    rec.learn([1], logits[:1], previous=[None])
+    assert rec.propose([7, 1], 1, 1)[0].tokens == (3,) and rec.propose([0, 1], 1, 1)[0].tokens == (4,)
+    bounded = Recycling(top_k=1, max_pairs=8)
+    for t in range(20):
+        bounded.learn([t], logits[:1], previous=[100 + t])
+    assert len(bounded.pairs) <= 8 and (119, 19) in bounded.pairs and (100, 0) not in bounded.pairs
+
+
+def test_calibration_learns_from_the_true_path() -> None:
+    """A source that is always right gains confidence, one that is always wrong loses it; only guesses whose
+    parent was right count. Catches calibration that never moves (budget never follows the sources)."""
+    cal = Calibration()
+    before = cal.prob("prompt", "m4", 1)
+    for _ in range(20):
+        trie = TokenTrie(root=0)
+        trie.insert((1, 2, 3), "prompt", ["m4"] * 3)
+        trie.insert((5, 6), "jacobi", ["", ""])
+        trie.insert((1, 9), "jacobi", ["", ""])
+        cal.learn(trie, [1, 2, 3, 4])
+    assert cal.prob("prompt", "m4", 1) > 0.85 > before
+    assert cal.prob("jacobi", "", 1) == pytest.approx(0.5, abs=0.05)  # 1 right, 5 wrong
+    assert cal.prob("jacobi", "", 2) < 0.1
+    assert cal.counts[("jacobi", "", 2)] == [0, 20]  # 9 after a right 1 counts; 6 after a wrong 5 does not
+
+
+@pytest.mark.parametrize("spec", ["32", "8,2,2,3", "16,0,2,4:prompt+history", "64,4,3,12:jacobi"])
+def test_tree_config_round_trips(spec: str) -> None:
+    cfg = TreeConfig.parse(spec)
+    assert TreeConfig.parse(str(cfg)) == cfg
+    assert cfg.window_rows < cfg.budget
+
+
+@pytest.mark.parametrize("spec", ["0", "4,2,2", "8,2,0", "8,1,1,0", "16:nope", "1,2,3,4,5", "x"])
+def test_tree_config_rejects_bad_specs(spec: str) -> None:
+    with pytest.raises(ValueError):
+        TreeConfig.parse(spec)
+
+
+# -- exactness on tiny models -----------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("budget", [4, 8, 32])
+def test_tiny_verifier_with_shared_prefix_drafts_equals_ar(tiny_engine, arch: str, budget: int) -> None:
+    """Right drafts with wrong siblings sharing their prefixes: output is AR's and steps drop sharply; catches any
+    error in the tree mask, positions, acceptance or K/V moves (a wrong K/V corrupts every later token)."""
+    engine = tiny_engine(arch)
+    ids = engine.codec.encode("def total(values):\n    s = 0\n")
+    ar = decode(engine, ids)
+    scripted = Scripted(ar.new, len(ids))
+    tree = decode(engine, ids, cfg=TreeConfig(budget, 0, 1, 5, ("prompt",)), drafters=Drafters([scripted]))
+    assert tree.new == ar.new
+    check_stats(tree)
+    # The right draft and its wrong sibling look alike, so small budgets split their rows between both;
+    # 32 rows hold every draft whole (5 drafted tokens + the bonus).
+    assert max(tree.accepted) >= {4: 2, 8: 3, 32: 6}[budget]
+    assert tree.steps <= len(ar.new) // 2
+    # Every token but each step's bonus (the last step's may fall past the length limit).
+    assert len(ar.new) - tree.steps <= tree.by_source["scripted"] <= len(ar.new) - tree.steps + 1
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_tiny_empty_tree_is_ar(tiny_engine, arch: str) -> None:
+    """No source proposes anything: each step commits exactly the greedy token (the padded rows change nothing)."""
+    engine = tiny_engine(arch)
+    ids = engine.codec.encode(REPETITIVE)
+    ar = decode(engine, ids)
+    tree = decode(engine, ids, cfg=TreeConfig(16, 0, 1, 8, ("prompt",)), drafters=Drafters())
+    assert tree.new == ar.new and tree.accepted == [1] * len(ar.new) and tree.by_source == {}
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_tiny_stop_token_inside_accepted_path(tiny_engine, arch: str) -> None:
+    """A stop token in the middle of an accepted path ends the output right there, as AR does."""
+    engine = tiny_engine(arch)
+    ids = engine.codec.encode("def total(values):\n    s = 0\n")
+    free = decode(engine, ids)
+    cfg = TreeConfig(16, 0, 1, 6, ("prompt",))
+    tree = decode(engine, ids, cfg=cfg, drafters=Drafters([Scripted(free.new, len(ids))]))
+    assert tree.new == free.new and tree.accepted[0] >= 4
+    stop_at = next(k for k in range(1, tree.accepted[0]) if free.new[k] not in free.new[:k])  # inside step 1
+    stop = frozenset({free.new[stop_at]})
+    ar = decode(engine, ids, stop)
+    cut = decode(engine, ids, stop, cfg, Drafters([Scripted(free.new, len(ids))]))
+    assert ar.new == cut.new == free.new[:stop_at]
+    assert ar.stop_reason == cut.stop_reason == "stop" and cut.steps == 1
+    assert cut.by_source == {"scripted": stop_at}  # all committed tokens were drafted: no bonus this time
+    check_stats(cut)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("source", SOURCES)
+def test_tiny_each_source_alone_equals_ar(tiny_engine, arch: str, source: str) -> None:
+    """Each real source on its own, through the engine, twice on one document (history needs a first run):
+    AR's tokens, and on looping output the source saves steps. Catches a source whose drafts break exactness
+    (wrong rows, stale state) or that never gets anything accepted."""
+    engine = tiny_engine(arch)
+    engine.sessions.forget_learned()
+    cfg = TreeConfig(24, 4 if source == "jacobi" else 0, 2, 8, (source,))
+    kw = dict(document=f"alone-{source}", max_tokens=40, type_through=False)
+    ar = complete(engine, REPETITIVE, decoding="ar", **kw)
+    runs = [complete(engine, REPETITIVE, decoding="tree", tree=cfg, **kw) for _ in range(2)]
+    for run in runs:
+        assert run.tokens == ar.tokens and run.text == ar.text
+        assert sum(run.accepted_per_step) == len(run.tokens) == 40
+        assert set(run.by_source) <= {source}
+    assert runs[-1].by_source.get(source, 0) > 0 and runs[-1].steps < ar.steps
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("spec", ["8", "32,4,2", "64,8,3,16", "2"])
+def test_tiny_all_sources_equal_ar(tiny_engine, arch: str, spec: str) -> None:
+    """All sources together at several budgets (2: a single draft row), across a cold and a warm request."""
+    engine = tiny_engine(arch)
+    cfg = TreeConfig.parse(spec)
+    kw = dict(document="all", max_tokens=40, type_through=False)
+    ar = complete(engine, REPETITIVE, "\n\nprint(fibonacci(3))\n", decoding="ar", **kw)
+    for _ in range(2):
+        tree = complete(engine, REPETITIVE, "\n\nprint(fibonacci(3))\n", decoding="tree", tree=cfg, **kw)
+        assert tree.tokens == ar.tokens
+        assert tree.steps < ar.steps
+        assert tree.lookahead == str(cfg) and tree.decoding == "tree"
+
+
+@pytest.mark.parametrize("max_tokens", [1, 3])
+def test_tiny_length_limit_inside_accepted_path(tiny_engine, max_tokens: int) -> None:
+    """A warm document accepts long paths at once; the length limit must still cut at exactly max_tokens."""
+    engine = tiny_engine("qwen2")
+    cfg = TreeConfig(32, 0, 1, 8)
+    kw = dict(document="cut", type_through=False, heal=False)
+    complete(engine, REPETITIVE, decoding="tree", tree=cfg, max_tokens=40, **kw)  # history now holds the answer
+    ar = complete(engine, REPETITIVE, decoding="ar", max_tokens=max_tokens, **kw)
+    tree = complete(engine, REPETITIVE, decoding="tree", tree=cfg, max_tokens=max_tokens, **kw)
+    assert tree.tokens == ar.tokens and len(tree.tokens) == max_tokens and tree.stop_reason == "length"
+    assert tree.steps == 1
+
+
+def test_tree_is_a_request_decoding_and_the_cpu_default(tiny_engine) -> None:
+    """"tree" validates as a decoding and runs the engine's default tree when none is given; on the CPU plain
+    "lookahead" (no W,N,G) runs it too, while an explicit W,N,G still pins v1. Catches the default switch
+    silently running something else, or overriding a caller's explicit lookahead config."""
+    from engine.engine import TREE_BY_DEFAULT
+    from engine.lookahead import LookaheadConfig
+
+    engine = tiny_engine("qwen2")
+    CompletionRequest("x", decoding="tree").validate()
+    kw = dict(max_tokens=16, type_through=False)
+    ar = complete(engine, REPETITIVE, decoding="ar", **kw)
+    tree = complete(engine, REPETITIVE, decoding="tree", **kw)
+    assert tree.lookahead == str(engine.default_tree()) and tree.tokens == ar.tokens
+    assert TREE_BY_DEFAULT["cpu"]
+    default = complete(engine, REPETITIVE, decoding="lookahead", **kw)
+    assert (default.decoding, default.lookahead, default.tokens) == ("tree", str(engine.default_tree()), ar.tokens)
+    pinned = complete(engine, REPETITIVE, decoding="lookahead", lookahead=LookaheadConfig(4, 3, 4), **kw)
+    assert (pinned.decoding, pinned.lookahead, pinned.tokens) == ("lookahead", "4,3,4", ar.tokens)
+
+
+def test_history_remembers_per_document_and_workspace(tiny_engine) -> None:
+    """A completion seen before (same document, or another document of the workspace) is accepted in long
+    paths; a non-persistent request leaves the document's history alone."""
+    engine = tiny_engine("qwen2")
+    engine.sessions.forget_learned()
+    cfg = TreeConfig(16, 0, 1, 8, ("history",))
+    prompt = "def total(values):\n    s = 0\n"
+    first = complete(engine, prompt, decoding="tree", tree=cfg, document="a", max_tokens=30, type_through=False)
+    assert first.by_source == {}  # nothing to remember yet (the output does not loop within 30 tokens)
+    again = complete(engine, prompt, decoding="tree", tree=cfg, document="a", max_tokens=30, type_through=False)
+    other = complete(engine, prompt, decoding="tree", tree=cfg, document="b", max_tokens=30, type_through=False)
+    for run in (again, other):
+        assert run.tokens == first.tokens and run.steps <= len(run.tokens) // 4 and run.by_source["history"] >= 20
+    session = engine.sessions.activate("c")
+    before = len(session.history.text)
+    complete(engine, prompt, decoding="tree", tree=cfg, document="c", max_tokens=5, persistent_pool=False)
+    assert len(session.history.text) == before == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("budget", [16, 64])
+def test_cuda_graph_replays_each_steps_own_tree(tiny_config, tiny_model, budget: int) -> None:
+    """On the GPU a tree step is one captured graph per budget whose mask and positions are rewritten before
+    every replay: output must still be AR's. Catches a graph that froze the first step's tree."""
+    from engine.loading import build_model
+    from engine.runner import Runner
+
+    _, ckpt = tiny_model(tiny_config("qwen2"))
+    runner = Runner(build_model(ckpt, torch.device("cuda"), torch.float32, 1024), use_graphs=True)
+    ids = (list(range(3, 40)) * 4)[:150]
+
+    def run(cfg: TreeConfig | None, drafters: Drafters | None = None) -> DecodeState:
+        runner.prefill(ids[:-1], 0)
+        state = DecodeState(list(ids), 60, frozenset())
+        decode_ar(runner, state) if cfg is None else decode_tree(runner, state, cfg, drafters)
+        return state
+
+    ar = run(None)
+    tree = run(TreeConfig(budget, 2, 2, 6), Drafters([Scripted(ar.new, len(ids))], Recycling(),
+                                                    JacobiWindow(2, 2, ids), Calibration()))
+    assert tree.new == ar.new and tree.steps < len(ar.new) // 2
+    assert any(name == f"tree{budget}" for name, _ in runner.graphs)
+
+
+# -- real weights ------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_smollm2_default_tree_equals_ar_on_bench_code(smollm2_engine, bench_cases: list[dict]) -> None:
+    """Real SmolLM2 on 4 bench cases with the engine's default CPU tree: AR's tokens and text, and far fewer
+    steps than AR (catches a default that verifies nothing useful on real code)."""
+    engine = smollm2_engine
+    engine.sessions.forget_learned()
+    tree_steps = ar_steps = tokens = 0
+    for case in bench_cases[:4]:
+        kw = dict(document=f"tree-{case['id']}", max_tokens=32, type_through=False)
+        ar = complete(engine, case["prefix"], case["suffix"], decoding="ar", **kw)
+        engine.close_document(kw["document"])
+        tree = complete(engine, case["prefix"], case["suffix"], decoding="tree", **kw)
+        engine.close_document(kw["document"])
+        assert tree.tokens == ar.tokens and tree.text == ar.text, case["id"]
+        assert sum(tree.accepted_per_step) == len(tree.tokens)
+        tree_steps, ar_steps, tokens = tree_steps + tree.steps, ar_steps + ar.steps, tokens + len(tree.tokens)
+    assert tokens / tree_steps >= 1.8, (tokens, tree_steps)
+
+
+# -- ahead bench and ahead tune ----------------------------------------------------------------------
+def test_bench_and_tune_know_tree_decoding(tiny_engine, tmp_path, monkeypatch, capsys) -> None:
+    """`ahead bench --methods ar,tree` reports the tree's tokens/step, per-source acceptance, speed with stop rules
+    and identical-to-AR shares; `ahead tune --trees` compares tree configs and stores the fastest as the tree
+    default (not as lookahead's). Catches a bench that drops the tree method or its per-source figures, and a
+    tune that stores a tree config where the engine does not read it."""
+    import json
+
+    from engine import cli, flags
+    from engine.tuning_store import lookup_tuned
+
+    engine = tiny_engine("qwen2", max_seq_len=1024)
+    cases = tmp_path / "cases.jsonl"
+    cases.write_text("\n".join(json.dumps({"id": f"c{i}", "prefix": REPETITIVE[: 90 + 20 * i], "suffix": "\n",
+                                           "reference": "    return n\n"}) for i in range(2)) + "\n")
+    monkeypatch.setattr(flags, "engine_from_args", lambda args: engine)
+    common = ["--cases", str(cases), "--max-tokens", "24", "--prefix-tokens", "256", "--suffix-tokens", "32",
+              "--max-seq-len", "1024", "--json", "--no-chart"]
+    assert cli.main(["bench", *common, "--methods", "ar,lookahead,tree", "--tree", "16,2,2,8"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["tree"] == "16,2,2,8"
+    assert result["identical"]["tree"] == {"vs_ar": 1.0, "vs_ar_rules": 1.0}
+    tree, tree_rules = result["methods"]["tree"], result["methods_rules"]["tree"]
+    assert tree["tokens"] == result["methods"]["ar"]["tokens"] and tree["tokens_per_step"] > 1.0
+    assert tree["by_source_per_step"] and set(tree["by_source_per_step"]) <= set(SOURCES)
+    assert result["speedup"]["tree"]["decode_vs_ar"] > 0 and result["speedup_rules"]["tree"]["vs_ar"] > 0
+    assert tree_rules["tokens"] <= tree["tokens"]
+
+    monkeypatch.setenv("AHEAD_HOME", str(tmp_path / "home"))
+    assert cli.main(["tune", *common, "--trees", "4;8,2,1,4"]) == 0
+    tuned = json.loads(capsys.readouterr().out)
+    assert {r["config"] for r in tuned["results"]} == {"4,0,2,12", "8,2,1,4"}
+    assert all(r["identical"] == 1.0 and r["kind"] == "tree" for r in tuned["results"])
+    assert tuned["stored"]["stored"] and str(lookup_tuned(engine, "tree")) == tuned["best"]["config"]
+    assert lookup_tuned(engine) is None  # lookahead's default is untouched
