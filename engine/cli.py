@@ -224,7 +224,7 @@ def add_complete(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--line", type=int, required=True, help="0-based line of the cursor")
     p.add_argument("--col", type=int, required=True, help="0-based column of the cursor, in characters")
     p.add_argument("--max-tokens", type=flags.int_at_least(0), default=128)
-    p.add_argument("--decoding", choices=["ar", "lookahead"], default="lookahead")
+    p.add_argument("--decoding", choices=["ar", "lookahead", "tree"], default="lookahead")
     p.add_argument("--lookahead", default=None, metavar="W,N,G", help=flags.LOOKAHEAD_HELP)
     p.add_argument("--no-heal", action="store_true", help="turn token healing at the cursor off")
     p.add_argument("--no-stop-rules", action="store_true",

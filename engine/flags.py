@@ -124,6 +124,10 @@ def parse_lookahead(text: str, flag: str = "--lookahead") -> LookaheadConfig:
 def step_tokens(decoding: str, cfg: LookaheadConfig | None) -> int:
     """Cache slots one decoding step takes beyond the committed tokens; the biggest built-in
     lookahead step when the config is only known once the engine has loaded (tuned or built-in)."""
+    if decoding == "tree":
+        from .engine import BUILTIN_TREE
+
+        return max(c.budget for c in BUILTIN_TREE.values())
     if decoding != "lookahead":
         return 1
     if cfg is not None:
