@@ -132,7 +132,8 @@ def test_triton_kernels_match_torch_path(monkeypatch, dtype, tol):
     model = tiny_model(dtype)
     runner = Runner(model, use_graphs=False)
     ids = torch.randint(0, 512, (400,)).tolist()
-    # 37 tokens: the Triton attention kernel; 300 and 80: model.block_attention (SDPA).
+    # Steps with logits use the Triton attention kernel at any size (37, 300 and 80 rows, the lookahead
+    # step); the prefills (no logits) of 300 rows use model.block_attention (SDPA).
     shapes = [(causal_shape(37, logits=True), ids[:37], 0), (causal_shape(300, logits=True), ids[:300], 0),
               (causal_shape(80, logits=True), ids[200:280], 200), (DECODE, [ids[300]], 300),
               (step_shape(LookaheadConfig(8, 4, 8)), ids[:49], 301)]
