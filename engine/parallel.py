@@ -380,8 +380,8 @@ class Follower:
 
 def leave_group() -> None:
     """Tear the process group down, except NCCL's: CUDA graphs that captured its collectives keep the
-    communicator in use, and tearing it down can block (on 2 H200s `ahead engine --tp 2` did not exit
-    within 30 s of a SIGTERM; this is the suspected place). The process is about to exit anyway."""
+    communicator in use, and tearing it down blocked: on 2 H200s `ahead engine --tp 2` did not exit within
+    30 s of a SIGTERM; without the teardown it stops, follower included. The process is about to exit anyway."""
     if dist.is_initialized() and dist.get_backend() != "nccl":
         dist.destroy_process_group()
 
