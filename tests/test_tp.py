@@ -161,6 +161,18 @@ def test_tp2_daemon_gives_the_tokens_of_tp1(tp2: Path, local, decoding: str) -> 
         assert any(len(want.tokens) > want.steps for want in wants)
 
 
+def test_tree_decoding_through_tp2_gives_the_greedy_tokens(tp2: Path, local) -> None:
+    """Catches a tree step whose layout (positions and mask, rewritten in place every step) or moved K/V
+    reaches rank 0 only: the split model would then verify other rows and commit other tokens. The trees
+    themselves depend on what each engine learned before, so the reference is greedy AR, not the step count."""
+    wants = [reference(local, prefix, "ar") for prefix in PROMPTS]
+    with EngineClient(tp2) as client:
+        results = [served(client, prefix, "tree", document=f"tree-{k}") for k, prefix in enumerate(PROMPTS)]
+    for got, want in zip(results, wants, strict=True):
+        assert (got["text"], got["tokens"]) == (want.text, len(want.tokens))
+    assert sum(r["tokens"] for r in results) > sum(r["steps"] for r in results)  # drafts were accepted
+
+
 def test_kv_reuse_and_parked_documents_stay_exact(tp2: Path, local) -> None:
     """Catches parking (save), restoring or dropping K/V on rank 0 only: document A's second request reuses K/V
     that rank 1 must have parked and restored across document B's request, or its answer changes."""
