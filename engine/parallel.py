@@ -240,8 +240,6 @@ class LeaderRunner(Runner):
 
     tp: TensorParallel | None = None
     _shapes_sent: set[str] = field(default_factory=set)
-    _rewritten: set[str] = field(default_factory=set)  # shapes whose positions or mask changed since sent
-    _stepping: bool = False
     _handles: dict[int, int] = field(default_factory=dict)  # id(saved K/V) -> the followers' handle for it
     _next_handle: itertools.count = field(default_factory=itertools.count)
     _freed: list[int] = field(default_factory=list)  # handles whose K/V rank 0 has let go of
@@ -253,27 +251,24 @@ class LeaderRunner(Runner):
             data = msgpack.packb({"op": "drop", "ids": freed}) + data
         self.tp.send(data)
 
-    def _on_device(self, shape: StepShape) -> tuple[Tensor, Tensor]:
-        if not self._stepping:  # a caller rewrites the shape's layout in place (a token tree, every step)
-            self._rewritten.add(shape.name)
-        return super()._on_device(shape)
+    def _send_layout(self, name: str, rel_pos: Tensor, local: Tensor, logits: bool) -> None:
+        self._send({"op": "layout", "name": name, "rel_pos": rel_pos.tolist(),
+                    "local": local.cpu().numpy().tobytes(), "logits": logits})
+
+    def set_layout(self, shape: StepShape, rel_pos: Tensor, local: Tensor) -> None:
+        self._send_layout(shape.name, rel_pos, local, shape.logits)
+        self._shapes_sent.add(shape.name)
+        super().set_layout(shape, rel_pos, local)
 
     def step(self, shape: StepShape, tokens: list[int] | Tensor, base: int, graph: bool = True):
         if base + shape.size > self.capacity:
             return super().step(shape, tokens, base, graph)  # raises before the model runs: nothing to mirror
-        if shape.name not in self._shapes_sent or shape.name in self._rewritten:
-            rel_pos, local = super()._on_device(shape)
-            self._send({"op": "layout", "name": shape.name, "rel_pos": rel_pos.tolist(),
-                        "local": local.cpu().numpy().tobytes(), "logits": shape.logits})
+        if shape.name not in self._shapes_sent:
+            self._send_layout(shape.name, shape.rel_pos, shape.local, shape.logits)
             self._shapes_sent.add(shape.name)
-            self._rewritten.discard(shape.name)
         ids = tokens.tolist() if isinstance(tokens, Tensor) else list(tokens)
         self._send({"op": "step", "shape": shape.name, "tokens": ids, "base": base, "graph": graph})
-        self._stepping = True
-        try:
-            return super().step(shape, tokens, base, graph)
-        finally:
-            self._stepping = False
+        return super().step(shape, tokens, base, graph)
 
     def move_slots(self, src: list[int], dst: list[int]) -> None:
         if src:
@@ -359,9 +354,8 @@ class Follower:
             local = torch.frombuffer(bytearray(message["local"]), dtype=torch.bool).view(T, T)
             if name not in self.shapes:
                 self.shapes[name] = StepShape(name, rel_pos, local, message["logits"])
-            else:  # new positions and mask for the same shape: its captured graphs read the device copy
-                for dst, src in zip(runner._on_device(self.shapes[name]), (rel_pos, local), strict=True):
-                    dst.copy_(src)
+            else:  # new positions and mask for the same shape
+                runner.set_layout(self.shapes[name], rel_pos, local)
         elif op == "move":
             runner.move_slots(message["src"], message["dst"])
         elif op == "save":

@@ -84,6 +84,13 @@ class Runner:
             self._device_shapes[shape.name] = cached
         return cached
 
+    def set_layout(self, shape: StepShape, rel_pos: Tensor, local: Tensor) -> None:
+        """New positions and mask for `shape`'s next steps (a token tree changes them every step). Its
+        captured graphs read the device copies by reference, so they are overwritten in place."""
+        device_rel_pos, device_local = self._on_device(shape)
+        device_rel_pos.copy_(rel_pos, non_blocking=True)
+        device_local.copy_(local, non_blocking=True)
+
     def _forward(self, shape: StepShape, tokens: Tensor, base: Tensor, visible: int) -> tuple[Tensor, Tensor | None]:
         """The whole step from device tensors only, so that it can be captured."""
         rel_pos, local = self._on_device(shape)

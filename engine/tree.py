@@ -12,7 +12,7 @@ longest accepted path plus the last accepted row's prediction is committed, so t
 exactly greedy decoding's.
 
 The runner bakes a shape's mask into its CUDA graphs by reference, so one `StepShape` per budget
-is captured once and every step rewrites its positions and mask in place (`load`).
+is captured once and every step sets its positions and mask (`load`, `Runner.set_layout`).
 """
 
 from __future__ import annotations
@@ -142,14 +142,8 @@ def build_step(size: int, trie: TokenTrie, chosen: list[int], window: StepShape 
 
 
 def load(runner: Runner, shape: StepShape, step: TreeStep) -> None:
-    """Write this step's positions and mask into the tensors the runner (and its captured graphs) read.
-
-    The runner keeps one device copy per shape name and reads it inside `step`; on the CPU that copy
-    is the shape's own tensor. (A public `Runner.set_layout` would make this hook unnecessary.)
-    """
-    rel_pos, local = runner._on_device(shape)
-    rel_pos.copy_(step.rel_pos, non_blocking=True)
-    local.copy_(step.local, non_blocking=True)
+    """This step's positions and mask, for the shape's next replay."""
+    runner.set_layout(shape, step.rel_pos, step.local)
 
 
 def accept(trie: TokenTrie, step: TreeStep, pred: list[int]) -> tuple[list[int], int]:

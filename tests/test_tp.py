@@ -134,9 +134,7 @@ def test_every_model_call_of_rank_0_reaches_the_follower(tiny_config, tiny_model
     leader.step(step_shape(LookaheadConfig(2, 2, 1)), prompt[:4], 20)  # overwrites parked slots
     tree = StepShape("tree-like", torch.arange(3), torch.ones(3, 3, dtype=torch.bool).tril())
     leader.step(tree, prompt[:3], 30)
-    rel_pos, local = leader._on_device(tree)  # the next step's layout written in place, as engine/tree.py does
-    local.copy_(torch.eye(3, dtype=torch.bool))
-    rel_pos.fill_(1)
+    leader.set_layout(tree, torch.ones(3, dtype=torch.long), torch.eye(3, dtype=torch.bool))  # as engine/tree.py does
     leader.step(tree, prompt[3:6], 33)
     assert same_cache()
     leader.restore(parked)
