@@ -34,21 +34,41 @@ def utf16_position(text: str, offset: int):
     return types.Position(line=line, character=column)
 
 
-async def type_through_lsp(args: argparse.Namespace, socket: Path, text: str, positions: list[Position]) -> dict:
+async def start_client(options: dict, root: Path | None = None):
+    """`ahead lsp` on stdio under pygls' LanguageClient, initialized with `options` (and `root` as its
+    workspace folder), as an editor with inline completion starts it."""
     from lsprotocol import types
     from pygls.lsp.client import LanguageClient
 
     client = LanguageClient("ahead-bench", "1")
     await client.start_io(sys.executable, "-m", "engine.cli", "lsp")
+    capabilities = types.ClientCapabilities(text_document=types.TextDocumentClientCapabilities(
+        inline_completion=types.InlineCompletionClientCapabilities()))
+    folders = {"root_uri": root.as_uri(), "workspace_folders": [types.WorkspaceFolder(uri=root.as_uri(),
+                                                                                      name=root.name)]} if root else {}
+    await client.initialize_async(types.InitializeParams(capabilities=capabilities, initialization_options=options,
+                                                         **folders))
+    client.initialized(types.InitializedParams())
+    return client
+
+
+async def stop_client(client) -> dict:
+    """The server's `ahead/status`, then shutdown and exit."""
+    status = plain(await client.protocol.send_request_async("ahead/status", {}))
+    await client.shutdown_async(None)
+    client.exit(None)
+    await client.stop()
+    return status
+
+
+async def type_through_lsp(args: argparse.Namespace, socket: Path, text: str, positions: list[Position]) -> dict:
+    from lsprotocol import types
+
     options = {"engine": {"socket": str(socket)}, "maxTokens": args.max_tokens, "decoding": args.decoding,
                "lookahead": args.lookahead or "auto"}
     if args.debounce is not None:
         options["debounceMs"] = args.debounce
-    capabilities = types.ClientCapabilities(text_document=types.TextDocumentClientCapabilities(
-        inline_completion=types.InlineCompletionClientCapabilities()))
-    await client.initialize_async(types.InitializeParams(capabilities=capabilities,
-                                                         initialization_options=options))
-    client.initialized(types.InitializedParams())
+    client = await start_client(options)
     cold: list[float] = []
     warm: list[float] = []
     shown: list[bool] = []
@@ -80,10 +100,7 @@ async def type_through_lsp(args: argparse.Namespace, socket: Path, text: str, po
                 shown.append(bool(items))
         client.text_document_did_close(types.DidCloseTextDocumentParams(
             text_document=types.TextDocumentIdentifier(uri=uri)))
-    status = await client.protocol.send_request_async("ahead/status", {})
-    await client.shutdown_async(None)
-    client.exit(None)
-    await client.stop()
+    status = await stop_client(client)
     return {
         "keystrokes": len(warm),
         "latency_ms_p50": percentile(warm, 50),
@@ -91,7 +108,7 @@ async def type_through_lsp(args: argparse.Namespace, socket: Path, text: str, po
         "latency_ms_mean": mean(warm),
         "cold_ms_p50": percentile(cold, 50),
         "shown_share": mean([float(s) for s in shown]),
-        "server_status": plain(status),
+        "server_status": status,
     }
 
 

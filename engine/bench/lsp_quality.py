@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from ..errors import AheadError
 from .context_quality import stand_in_files
 from .daemon import engine_process
 from .harness import cases_path, format_table, load_cases
-from .lsp import plain, utf16_position
+from .lsp import start_client, stop_client, utf16_position
 from .quality import scores
 
 
@@ -46,17 +45,8 @@ def lay_out(cases: list[dict], root: Path, file_chars: int) -> list[Path]:
 async def complete_all(cases: list[dict], paths: list[Path], root: Path, socket: Path, options: dict) -> dict:
     """Open each case's document in a fresh `ahead lsp` and take its inline completion at the cursor."""
     from lsprotocol import types
-    from pygls.lsp.client import LanguageClient
 
-    client = LanguageClient("ahead-bench", "1")
-    await client.start_io(sys.executable, "-m", "engine.cli", "lsp")
-    capabilities = types.ClientCapabilities(text_document=types.TextDocumentClientCapabilities(
-        inline_completion=types.InlineCompletionClientCapabilities()))
-    await client.initialize_async(types.InitializeParams(
-        capabilities=capabilities, root_uri=root.as_uri(),
-        workspace_folders=[types.WorkspaceFolder(uri=root.as_uri(), name=root.name)],
-        initialization_options={**options, "engine": {"socket": str(socket)}, "prefetch": False}))
-    client.initialized(types.InitializedParams())
+    client = await start_client({**options, "engine": {"socket": str(socket)}, "prefetch": False}, root)
     texts, times = [], []
     for case, path in zip(cases, paths, strict=True):
         uri = path.as_uri()
@@ -73,10 +63,7 @@ async def complete_all(cases: list[dict], paths: list[Path], root: Path, socket:
         texts.append(items[0].insert_text if items else "")
         client.text_document_did_close(types.DidCloseTextDocumentParams(
             text_document=types.TextDocumentIdentifier(uri=uri)))
-    status = plain(await client.protocol.send_request_async("ahead/status", {}))
-    await client.shutdown_async(None)
-    client.exit(None)
-    await client.stop()
+    status = await stop_client(client)
     return {"texts": texts, "times": times, "repo_context": status["server"]["repo_context"]}
 
 
