@@ -94,7 +94,7 @@ def test_random_edits_keep_the_server_text_equal_to_the_client_text(encoding: st
 @pytest.fixture(scope="module")
 def lsp(tmp_path_factory):
     """`ahead lsp` whose backend is a remote server that is not there: no engine is started, edits still sync."""
-    from test_lsp import BASE, Session
+    from lsp_helpers import BASE, Session
 
     home = tmp_path_factory.mktemp("home")
     options = {**BASE, "remote": {"url": "http://127.0.0.1:9"}, "engine": {"socket": str(home / "none.sock")}}

@@ -232,7 +232,7 @@ def test_lsp_keeps_working_when_its_log_file_is_full_and_says_so_once(model_dir:
     """`ahead lsp --log-file /dev/full`: completions still come, and its stderr carries one line saying the log
     cannot be written, not a traceback per record. Catches logging's default handler, whose per-record
     tracebacks fill a stderr pipe nobody reads until the server blocks, and a log failure that stops the server."""
-    from test_lsp import BASE, Session, expected, item_text
+    from lsp_helpers import BASE, Session, expected, item_text
 
     sock = tmp_path / "lsp.sock"
     proc = start_engine(model_dir, sock)

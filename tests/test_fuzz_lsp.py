@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 pytest.importorskip("pygls")
 
-from test_lsp import BASE, expected  # noqa: E402
+from lsp_helpers import BASE, expected  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PARSE_ERROR, INVALID_REQUEST, INTERNAL_ERROR = -32700, -32600, -32603

@@ -21,7 +21,7 @@ from daemon_helpers import CODE, save_tiny_model, start_engine, stop
 
 pytest.importorskip("pygls")
 
-from test_lsp import BASE, MAX_SEQ_LEN, Session, expected, item_text  # noqa: E402
+from lsp_helpers import BASE, MAX_SEQ_LEN, Session, expected, item_text  # noqa: E402
 
 SPACING_S = 0.04  # 25 keystrokes/s per editor, 50/s together
 MAX_TOKENS = 24
