@@ -134,6 +134,18 @@ class Runner:
         cap.graph.replay()
         return cap.argmax, cap.logits
 
+    def to_host(self, *tensors: Tensor) -> tuple[Tensor, ...]:
+        """Host copies queued behind the work that makes them: they hold the values once a later read
+        (e.g. of the step's argmax) has waited for the stream, and queuing costs no wait of its own."""
+        if self.device.type != "cuda":
+            return tensors
+        out = []
+        for t in tensors:
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host.copy_(t, non_blocking=True)
+            out.append(host)
+        return tuple(out)
+
     @torch.no_grad()
     def _capture(self, shape: StepShape, tokens: Tensor, base: int, visible: int) -> Captured:
         # Eager runs first, once per shape (library handles, kernel compiles), on a side stream as
@@ -189,9 +201,14 @@ class Runner:
             return
         kv = self.model.kv
         with torch.no_grad():
-            s = torch.tensor(src, device=self.device)
-            d = torch.tensor(dst, device=self.device)
+            s, d = self.to_device(torch.tensor([src, dst], dtype=torch.long))
             kv.index_copy_(3, d, kv.index_select(3, s))
+
+    def to_device(self, t: Tensor) -> Tensor:
+        """`t` on the runner's device without waiting for the GPU (a pinned copy queued in stream order)."""
+        if self.device.type != "cuda":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     def save(self, n: int) -> Tensor:
         """A copy of the first n slots' K/V (a parked document session)."""

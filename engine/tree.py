@@ -20,12 +20,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+import numpy as np
 import torch
 
 from .runner import Runner, StepShape
 
 
-@dataclass
+@dataclass(slots=True)
 class Node:
     token: int
     parent: int  # index of the parent node; -1 for the root
@@ -44,25 +45,50 @@ class TokenTrie:
 
     def insert(self, tokens: tuple[int, ...] | list[int], source: str, keys: list[str]) -> None:
         """Add one draft; `keys[i]` is the calibration key of its i-th token."""
-        node = 0
+        nodes = self.nodes
+        index, node = 0, nodes[0]
         for token, key in zip(tokens, keys, strict=True):
-            child = self.nodes[node].children.get(token)
+            child = node.children.get(token)
             if child is None:
-                child = len(self.nodes)
-                self.nodes.append(Node(token, node, self.nodes[node].depth + 1))
-                self.nodes[node].children[token] = child
-            self.nodes[child].keys.setdefault(source, key)
-            node = child
+                child = len(nodes)
+                nodes.append(Node(token, index, node.depth + 1))
+                node.children[token] = child
+            index, node = child, nodes[child]
+            if source not in node.keys:
+                node.keys[source] = key
+
+    def graft(self, tokens: list[int], parents: list[int], source: str, keys: list[str]) -> None:
+        """Add a whole draft tree at once: its node j is tokens[j] under its node parents[j] (-1: the
+        root), parents first. Cheaper than inserting each root-to-leaf path of a bushy tree."""
+        nodes = self.nodes
+        where: list[int] = []  # trie index of each grafted node
+        for token, parent, key in zip(tokens, parents, keys, strict=True):
+            at = where[parent] if parent >= 0 else 0
+            node = nodes[at]
+            child = node.children.get(token)
+            if child is None:
+                child = len(nodes)
+                nodes.append(Node(token, at, node.depth + 1))
+                node.children[token] = child
+            keys_of = nodes[child].keys
+            if source not in keys_of:
+                keys_of[source] = key
+            where.append(child)
 
     def score(self, prob) -> None:
         """Set every node's acceptance chance; `prob(source, key, depth)` is one source's belief, and
         sources agreeing on a token are treated as independent witnesses: 1 - prod(1 - p)."""
-        for node in self.nodes[1:]:  # parents are created before their children
+        nodes = self.nodes
+        memo: dict[tuple[str, str, int], float] = {}  # few distinct (source, key, depth) per step
+        for node in nodes[1:]:  # parents are created before their children
             miss = 1.0
             for source, key in node.keys.items():
-                miss *= 1.0 - prob(source, key, node.depth)
+                belief = memo.get((source, key, node.depth))
+                if belief is None:
+                    belief = memo[source, key, node.depth] = prob(source, key, node.depth)
+                miss *= 1.0 - belief
             node.prob = 1.0 - miss
-            node.score = self.nodes[node.parent].score * node.prob
+            node.score = nodes[node.parent].score * node.prob
 
     def select(self, budget: int) -> list[int]:
         """The `budget` nodes most likely to be accepted, parents before children. Scores never grow
@@ -110,35 +136,33 @@ class TreeStep:
 def build_step(size: int, trie: TokenTrie, chosen: list[int], window: StepShape | None = None,
                window_tokens: list[int] = ()) -> TreeStep:
     """Lay out the root, the Jacobi window (its rows and mask as `window` has them) and the chosen nodes."""
-    root = trie.nodes[0].token
+    nodes = trie.nodes
+    root = nodes[0].token
     first = 1 + len(window_tokens)
     if first + len(chosen) > size:
         raise ValueError(f"{len(chosen)} tree nodes and {first} other rows exceed the {size}-row budget")
     rel = [0] + [1] * (size - 1)
-    seen_rows: list[int] = []  # (row, visible row) pairs of the tree rows, flattened: one indexing op for all
-    seen_cols: list[int] = []
-    row_of: dict[int, int] = {}
+    local = np.eye(size, dtype=bool)
+    row_of: dict[int, int] = {0: 0}
     parent_row: dict[int, int] = {}
-    ancestors: dict[int, list[int]] = {0: [0]}  # node -> rows it sees (the root's row, its ancestors', its own)
     tokens = [root, *window_tokens]
     for row, i in enumerate(chosen, first):
-        node = trie.nodes[i]
+        node = nodes[i]
         row_of[i] = row
-        parent_row[row] = row_of.get(node.parent, 0)
+        above = parent_row[row] = row_of[node.parent]
         tokens.append(node.token)
         rel[row] = node.depth
-        visible = ancestors[i] = [*ancestors[node.parent], row]
-        seen_rows.extend([row] * len(visible))
-        seen_cols.extend(visible)
-    local = torch.eye(size, dtype=torch.bool)
-    local[seen_rows, seen_cols] = True
+        local[row] = local[above]  # what the parent sees (the root and its ancestors), and itself
+        local[row, row] = True
+    del row_of[0]
     rel_pos = torch.tensor(rel)
+    mask = torch.from_numpy(local)
     if window is not None and window_tokens:
         rel_pos[:first] = window.rel_pos
-        local[:first, :first] = window.local
+        mask[:first, :first] = window.local
     used = len(tokens)
     tokens.extend([root] * (size - used))
-    return TreeStep(tokens, rel_pos, local, row_of, used, parent_row)
+    return TreeStep(tokens, rel_pos, mask, row_of, used, parent_row)
 
 
 def load(runner: Runner, shape: StepShape, step: TreeStep) -> None:

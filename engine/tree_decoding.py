@@ -9,11 +9,13 @@ The Jacobi window takes rows only while it pays for them. Output is exactly gree
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 from .decoding import DecodeState, decode_ar
 from .runner import Runner
-from .sources import Draft, Source
+from .sources import Draft, Source, prob_bucket
 from .sources.jacobi import JacobiWindow
 from .sources.recycling import Recycling
 from .tree import TokenTrie, accept, build_step, load, tree_shape
@@ -103,26 +105,39 @@ def token_keys(draft: Draft) -> list[str]:
     """Calibration key of each token of a draft: its probability bucket when the source gave one."""
     if draft.probs is None:
         return [draft.key] * len(draft.tokens)
-    return [f"p{next(b for b in (0.9, 0.6, 0.3, 0.1, 0.03, 0.0) if p >= b)}" for p in draft.probs]
+    return [prob_bucket(p) for p in draft.probs]
 
 
-def decode_tree(runner: Runner, state: DecodeState, cfg: TreeConfig, drafters: Drafters) -> None:
-    """Greedy decoding, several tokens per step where the drafts are right."""
+def decode_tree(runner: Runner, state: DecodeState, cfg: TreeConfig, drafters: Drafters,
+                overlap: bool | None = None) -> None:
+    """Greedy decoding, several tokens per step where the drafts are right.
+
+    With `overlap` (the default on a GPU, where a replay returns before the GPU is done) the step runs
+    while the host updates the calibration from the step before it, so that drafting, reading the
+    result and the recycling table (whose freshest rows the very next tree needs) are all that sit
+    between two steps."""
     if cfg.budget < 2:
         return decode_ar(runner, state)
     shape = tree_shape(cfg.budget)
     sources, recycling, window, calibration = drafters.text, drafters.recycling, drafters.window, drafters.calibration
-    proposers: list[Source] = [*sources, *([recycling] if recycling else []), *([window] if window else [])]
+    overlap = runner.device.type == "cuda" if overlap is None else overlap
     seq = state.seq
     window_steps = window_gain = 0
+    pending: Callable[[], None] | None = None
     while not state.done():
         started = time.perf_counter()
         p = len(seq) - 1
         rows = window.rows if window else 0
         room = cfg.budget - 1 - rows
         trie = TokenTrie(seq[-1])
-        for source in proposers:
+        for source in sources:
             for draft in source.propose(seq, cfg.depth, room):
+                trie.insert(draft.tokens, draft.source, token_keys(draft))
+        if recycling is not None:
+            tokens, parents, probs = recycling.tree(seq, cfg.depth, room)
+            trie.graft(tokens, parents, recycling.name, [prob_bucket(q) for q in probs])
+        if window is not None:
+            for draft in window.propose(seq, cfg.depth, room):
                 trie.insert(draft.tokens, draft.source, token_keys(draft))
         trie.score(calibration.prob)
         chosen = trie.select(room)
@@ -130,13 +145,21 @@ def decode_tree(runner: Runner, state: DecodeState, cfg: TreeConfig, drafters: D
                           window.tokens() if window else ())
         load(runner, shape, step)
         argmax, logits = runner.step(shape, step.tokens, p)
+        # Queued behind the step, read only after the step's argmax: no wait of their own.
+        top = runner.to_host(*recycling.top(logits, step.used)) if recycling is not None else None
+        if pending is not None:
+            pending()  # while the GPU runs the step
         pred = argmax.tolist()
 
         path, bonus = accept(trie, step, pred)
         commit = [trie.nodes[i].token for i in path] + [bonus]
-        calibration.learn(trie, commit)
         if recycling is not None:
-            recycling.learn(step.tokens[: step.used], logits, step.previous(seq[-2] if len(seq) > 1 else None))
+            recycling.remember(step.tokens[: step.used], top[0].tolist(), top[1].tolist(),
+                               step.previous(seq[-2] if len(seq) > 1 else None))
+        pending = partial(calibration.learn, trie, commit)
+        if not overlap:
+            pending()
+            pending = None
         kept = state.commit(commit, started)
         moved = min(len(path), kept - 1)
         if moved > 0:
@@ -159,5 +182,7 @@ def decode_tree(runner: Runner, state: DecodeState, cfg: TreeConfig, drafters: D
             if window_steps >= WINDOW_PROBE:
                 weakest = min(trie.nodes[i].score for i in chosen) if len(chosen) >= room else 0.0
                 if window_gain / (window_steps * window.rows) < max(weakest, 0.02):
-                    proposers.remove(window)
                     window = None
+    if pending is not None:
+        pending()
+

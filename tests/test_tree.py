@@ -325,6 +325,35 @@ def test_tiny_all_sources_equal_ar(tiny_engine, arch: str, spec: str) -> None:
         assert tree.lookahead == str(cfg) and tree.decoding == "tree"
 
 
+class CountingCalibration(Calibration):
+    def __init__(self):
+        super().__init__()
+        self.lessons = 0
+
+    def learn(self, trie, truth) -> None:
+        self.lessons += 1
+        super().learn(trie, truth)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_tiny_overlapped_learning_equals_ar_and_loses_no_lesson(tiny_engine, arch: str) -> None:
+    """The GPU's order (learn from step k while step k+1 runs), forced on the CPU: AR's tokens, and every step,
+    the last one included, is learned from. Catches lessons read from the wrong step or a last one dropped."""
+    engine = tiny_engine(arch)
+    ids = engine.codec.encode(REPETITIVE)
+    ar = decode(engine, ids, max_new=40)
+    for overlap in (False, True):
+        calibration = CountingCalibration()
+        drafters = Drafters([PromptLookup(ids)], Recycling(), None, calibration)
+        engine.sessions.invalidate_working_cache()
+        engine.runner.prefill(ids[:-1], 0)
+        state = DecodeState(list(ids), 40, frozenset())
+        decode_tree(engine.runner, state, TreeConfig(16), drafters, overlap=overlap)
+        assert state.new == ar.new and state.steps < ar.steps
+        assert calibration.lessons == state.steps
+        assert drafters.recycling.table and sum(o for _, o in calibration.counts.values()) > 0
+
+
 @pytest.mark.parametrize("max_tokens", [1, 3])
 def test_tiny_length_limit_inside_accepted_path(tiny_engine, max_tokens: int) -> None:
     """A warm document accepts long paths at once; the length limit must still cut at exactly max_tokens."""

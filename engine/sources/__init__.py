@@ -40,3 +40,14 @@ def match_bucket(length: int) -> str:
         if length <= limit:
             return f"m{limit}"
     return "m9+"
+
+
+PROB_BUCKETS = tuple((bound, f"p{bound}") for bound in (0.9, 0.6, 0.3, 0.1, 0.03, 0.0))
+
+
+def prob_bucket(p: float) -> str:
+    """Calibration bucket of a token its source gave probability p."""
+    for bound, key in PROB_BUCKETS:
+        if p >= bound:
+            return key
+    return PROB_BUCKETS[-1][1]

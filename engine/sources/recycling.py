@@ -21,6 +21,8 @@ from . import Draft
 TOP_K = 8
 MAX_PAIRS = 1 << 18  # (previous, token) entries kept (~100 MB at most); the oldest quarter goes when full
 
+Successors = tuple[tuple[int, ...], tuple[float, ...]]  # successor ids, most probable first, and their probabilities
+
 
 class Recycling:
     name = "recycling"
@@ -28,55 +30,86 @@ class Recycling:
     def __init__(self, top_k: int = TOP_K, max_pairs: int = MAX_PAIRS):
         self.top_k = top_k
         self.max_pairs = max_pairs
-        self.table: dict[int, tuple[tuple[int, ...], tuple[float, ...]]] = {}  # token -> (successors, probs)
-        self.pairs: dict[tuple[int, int], tuple[tuple[int, ...], tuple[float, ...]]] = {}  # (previous, token) -> same
+        self.table: dict[int, Successors] = {}  # token -> its successors
+        self.pairs: dict[tuple[int, int], Successors] = {}  # (previous, token) -> its successors
 
-    @staticmethod
     @torch.no_grad()
-    def top(logits: Tensor, rows: int, k: int) -> tuple[list[list[int]], list[list[float]]]:
-        """Top-k successor ids and probabilities of the first `rows` rows, computed on the logits' device."""
+    def top(self, logits: Tensor, rows: int) -> tuple[Tensor, Tensor]:
+        """Top-k successor ids and probabilities of the first `rows` rows, on the logits' device. On a GPU
+        this only queues the work behind the step: reading the result is what waits for it."""
         x = logits[:rows].float()
-        values, ids = x.topk(k, dim=-1)
-        probs = (values - x.logsumexp(-1, keepdim=True)).exp()
-        return ids.tolist(), probs.tolist()
+        values, ids = x.topk(self.top_k, dim=-1)
+        return ids, (values - x.logsumexp(-1, keepdim=True)).exp()
 
     def learn(self, tokens: list[int], logits: Tensor, previous: list[int | None] | None = None) -> None:
         """Row i's input token was tokens[i], after previous[i] (None: unknown); its logits say what follows."""
-        ids, probs = self.top(logits, len(tokens), self.top_k)
-        for i, (token, succ, p) in enumerate(zip(tokens, ids, probs, strict=True)):
-            entry = (tuple(succ), tuple(p))
-            self.table[token] = entry
-            if previous is not None and previous[i] is not None:
-                self.pairs[previous[i], token] = entry
-        if len(self.pairs) > self.max_pairs:  # a daemon runs for days: keep the newest entries
-            for key in list(self.pairs)[: len(self.pairs) // 4]:
-                del self.pairs[key]
+        ids, probs = self.top(logits, len(tokens))
+        self.remember(tokens, ids.tolist(), probs.tolist(), previous)
 
-    def successors(self, prev: int | None, token: int) -> tuple[tuple[int, ...], tuple[float, ...]] | None:
+    def remember(self, tokens: list[int], ids: list[list[int]], probs: list[list[float]],
+                 previous: list[int | None] | None = None) -> None:
+        """`learn` with the top-k already read back: ids[i] and probs[i] follow tokens[i]."""
+        pairs, table = self.pairs, self.table
+        for i, token in enumerate(tokens):
+            entry = (tuple(ids[i]), tuple(probs[i]))
+            table[token] = entry
+            if previous is not None and previous[i] is not None:
+                pairs[previous[i], token] = entry
+        if len(pairs) > self.max_pairs:  # a daemon runs for days: keep the newest entries
+            for key in list(pairs)[: len(pairs) // 4]:
+                del pairs[key]
+
+    def successors(self, prev: int | None, token: int) -> Successors | None:
         return self.pairs.get((prev, token)) or self.table.get(token)
 
-    def propose(self, seq: list[int], depth: int, limit: int) -> list[Draft]:
-        """Root-to-leaf paths of the `limit`-node tree that is most probable under the table."""
-        context = (seq[-2] if len(seq) > 1 else None, seq[-1])
-        # Best-first expansion: (-probability of the path, tie order, path, per-token probabilities).
-        heap: list[tuple[float, int, tuple[int, ...], tuple[float, ...]]] = []
+    def tree(self, seq: list[int], depth: int, limit: int) -> tuple[list[int], list[int], list[float]]:
+        """The `limit`-node tree most probable under the table, grown from the last committed token:
+        (token, parent node (-1: the root), the token's own probability) per node, parents first.
+
+        Best-first over "the j-th successor of node n": successors are stored most probable first,
+        so popping one only needs its next sibling and its own first successor on the heap."""
+        tokens: list[int] = []
+        parents: list[int] = []
+        probs: list[float] = []
+        first = self.successors(seq[-2] if len(seq) > 1 else None, seq[-1])
+        if first is None or limit < 1:
+            return tokens, parents, probs
+        depths: list[int] = []
+        # (-probability of the path, tie order, parent node, the parent path's probability, successors, j)
+        heap = [(-first[1][0], 0, -1, 1.0, first, 0)]
         order = 0
-
-        def push(path: tuple[int, ...], probs: tuple[float, ...], p_path: float) -> None:
-            nonlocal order
-            full = context + path
-            known = self.successors(full[-2], full[-1]) if len(path) < depth else None
-            if known is None:
-                return
-            for t, q in zip(*known, strict=True):
+        while heap and len(tokens) < limit:
+            neg, _, parent, p_parent, succ, j = heapq.heappop(heap)
+            node = len(tokens)
+            token = succ[0][j]
+            tokens.append(token)
+            parents.append(parent)
+            probs.append(succ[1][j])
+            node_depth = depths[parent] + 1 if parent >= 0 else 1
+            depths.append(node_depth)
+            if j + 1 < len(succ[0]):
                 order += 1
-                heapq.heappush(heap, (-p_path * q, order, path + (t,), probs + (q,)))
+                heapq.heappush(heap, (-p_parent * succ[1][j + 1], order, parent, p_parent, succ, j + 1))
+            if node_depth < depth:
+                below = self.successors(tokens[parent] if parent >= 0 else seq[-1], token)
+                if below is not None:
+                    order += 1
+                    heapq.heappush(heap, (neg * below[1][0], order, node, -neg, below, 0))
+        return tokens, parents, probs
 
-        push((), (), 1.0)
-        chosen: list[tuple[tuple[int, ...], tuple[float, ...]]] = []
-        while heap and len(chosen) < limit:
-            neg, _, path, probs = heapq.heappop(heap)
-            chosen.append((path, probs))
-            push(path, probs, -neg)
-        prefixes = {path[:-1] for path, _ in chosen}
-        return [Draft(self.name, path, probs=probs) for path, probs in chosen if path not in prefixes]
+    def propose(self, seq: list[int], depth: int, limit: int) -> list[Draft]:
+        """`tree`'s root-to-leaf paths, as drafts."""
+        tokens, parents, probs = self.tree(seq, depth, limit)
+        inner = set(parents)
+        drafts = []
+        for leaf in range(len(tokens)):
+            if leaf in inner:
+                continue
+            path = []
+            node = leaf
+            while node >= 0:
+                path.append(node)
+                node = parents[node]
+            path.reverse()
+            drafts.append(Draft(self.name, tuple(tokens[i] for i in path), probs=tuple(probs[i] for i in path)))
+        return drafts
