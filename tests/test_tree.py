@@ -89,6 +89,20 @@ def test_trie_shares_prefixes_and_selects_whole_paths() -> None:
     assert [trie.nodes[i].token for i in trie.select(3)] == [5, 6, 9]
 
 
+def test_graft_merges_a_draft_tree_into_the_trie() -> None:
+    """A source's whole tree at once (node j under parents[j]) lands on the nodes that paths already made, with
+    both sources' keys, and new branches where it differs: catches a graft under the wrong parent."""
+    trie = TokenTrie(root=1)
+    trie.insert((5, 6), "a", ["k", "k"])
+    # 5 -> {6, 7}, 8: tokens [5, 6, 7, 8] with parents [-1, 0, 0, -1]
+    trie.graft([5, 6, 7, 8], [-1, 0, 0, -1], "b", ["p1", "p2", "p3", "p4"])
+    five = trie.nodes[trie.nodes[0].children[5]]
+    six = trie.nodes[five.children[6]]
+    seven = trie.nodes[five.children[7]]
+    assert len(trie.nodes) == 1 + 4 and five.keys == {"a": "k", "b": "p1"} and six.keys == {"a": "k", "b": "p2"}
+    assert seven.keys == {"b": "p3"} and seven.depth == 2 and trie.nodes[trie.nodes[0].children[8]].depth == 1
+
+
 def test_build_step_layout() -> None:
     """Each node sits at position p + depth and sees the root, its ancestors and itself; the window keeps v1's
     layout; padding rows see only themselves. Catches a mask that leaks a sibling's K/V into a node."""
