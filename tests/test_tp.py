@@ -237,14 +237,17 @@ def test_gpu_benchmark_runs_on_a_tiny_shape(capsys) -> None:
     """Catches engine/bench/tp.py crashing (or printing no JSON) before anyone spends GPU time on it."""
     from engine.bench import tp
 
-    assert tp.main(["--tiny", "--lookahead", LOOKAHEAD, "--tokens-per-step", f"{LOOKAHEAD}=1.5", "--replays", "1"]) == 0
+    assert tp.main(["--tiny", "--lookahead", LOOKAHEAD, "--trees", "8", "--tokens-per-step", f"{LOOKAHEAD}=1.5",
+                    "--tokens-per-step", "tree8=2.5", "--replays", "1"]) == 0
     result = json.loads(capsys.readouterr().out)
     step = result["tp2"]["lookahead4x3x4"]
     assert 0 < step["all_reduce_ms"] and step["all_reduce_share"] == step["all_reduce_ms"] / step["step_ms"]
     assert result["floor_tp2"]["bytes_per_gpu"] < result["floor_tp1"]["bytes_per_gpu"]
-    projected = result["lookahead"][LOOKAHEAD]
+    projected = result["projected"][LOOKAHEAD]
     assert projected["speedup_vs_tp2_ar"] == 1.5 * result["tp2"]["decode"]["step_ms"] / step["step_ms"]
     assert isinstance(result["tp1"], dict) and "speedup_vs_tp1_ar" in projected
+    tree = result["projected"]["tree8"]
+    assert tree["speedup_vs_tp2_ar"] == 2.5 * result["tp2"]["decode"]["step_ms"] / result["tp2"]["tree8"]["step_ms"]
 
 
 def test_stopping_the_engine_stops_its_follower(tp2_engine) -> None:

@@ -1,7 +1,8 @@
 """Tensor-parallel step times of a Qwen2.5-Coder-32B-shaped model with random bf16 weights.
 
-    python -m engine.bench.tp [--layers 64] [--context 1024] [--lookahead "15,15,15 8,8,8"]
-                              [--tokens-per-step 15,15,15=2.9 ...] [--tp 2] [--skip-tp1] [--tiny]
+    python -m engine.bench.tp [--layers 64] [--context 1024] [--lookahead "15,15,15 8,8,8"] [--trees "32 64"]
+                              [--tokens-per-step 15,15,15=2.9 --tokens-per-step tree64=3.9 ...] [--tp 2]
+                              [--skip-tp1] [--tiny]
 
 On a machine with two GPUs: AR and lookahead step times at TP=2 through the engine's own
 tensor-parallel path (rank 0's LeaderRunner, a follower process, NCCL, CUDA graphs), the
@@ -32,6 +33,7 @@ from ..lookahead import LookaheadConfig, step_shape
 from ..model import WHOLE, ModelArgs
 from ..parallel import TensorParallel, random_model, sync
 from ..runner import DECODE, Runner, StepShape
+from ..tree import tree_shape
 
 QWEN25_CODER_32B = ModelArgs(arch="qwen2", vocab_size=152064, dim=5120, n_layers=64, n_heads=40, n_kv_heads=8,
                              head_dim=128, intermediate_size=27648, norm_eps=1e-6, rope_theta=1e6, qkv_bias=True,
@@ -107,7 +109,10 @@ def run(opts: argparse.Namespace) -> dict:
     dtype = torch.float32 if opts.tiny else torch.bfloat16
     args = TINY if opts.tiny else dataclasses.replace(QWEN25_CODER_32B, n_layers=opts.layers)
     configs = [LookaheadConfig.parse(c) for c in opts.lookahead.split()]
-    shapes = [DECODE, *(step_shape(c) for c in configs)]
+    trees = [int(b) for b in opts.trees.split()]
+    # name in --tokens-per-step -> the shape that config runs
+    named = {str(c): step_shape(c) for c in configs} | {f"tree{b}": tree_shape(b) for b in trees}
+    shapes = [DECODE, *named.values()]
     max_seq_len = -(-(opts.context + max(s.size for s in shapes) + 1) // 256) * 256
     summary: dict = {
         "shape": "tiny" if opts.tiny else "qwen2.5-coder-32b" + (f" ({opts.layers} of 64 layers)"
@@ -150,15 +155,15 @@ def run(opts: argparse.Namespace) -> dict:
     ar = summary[f"tp{opts.tp}"][DECODE.name]["step_ms"]
     ar1 = summary["tp1"][DECODE.name]["step_ms"] if isinstance(summary["tp1"], dict) else None
     projected = {}
-    for cfg in configs:
-        step = summary[f"tp{opts.tp}"][step_shape(cfg).name]["step_ms"]
+    for name, shape in named.items():
+        step = summary[f"tp{opts.tp}"][shape.name]["step_ms"]
         row = {"step_ms": step, "step_over_ar": step / ar}
-        if str(cfg) in tps:
-            row |= {"tokens_per_step": tps[str(cfg)], f"speedup_vs_tp{opts.tp}_ar": tps[str(cfg)] * ar / step}
+        if name in tps:
+            row |= {"tokens_per_step": tps[name], f"speedup_vs_tp{opts.tp}_ar": tps[name] * ar / step}
             if ar1 is not None:
-                row["speedup_vs_tp1_ar"] = tps[str(cfg)] * ar1 / step
-        projected[str(cfg)] = row
-    summary["lookahead"] = projected
+                row["speedup_vs_tp1_ar"] = tps[name] * ar1 / step
+        projected[name] = row
+    summary["projected"] = projected
     summary["seed_speedup_vs_tp2_ar"] = SEED_SPEEDUP
     summary["seconds"] = time.perf_counter() - started
     return summary
@@ -167,9 +172,11 @@ def run(opts: argparse.Namespace) -> dict:
 def parse_tokens_per_step(text: str) -> tuple[str, float]:
     cfg, _, value = text.partition("=")
     try:
-        return str(LookaheadConfig.parse(cfg)), float(value)
+        name = cfg if cfg.startswith("tree") and cfg[4:].isdigit() else str(LookaheadConfig.parse(cfg))
+        return name, float(value)
     except ValueError:
-        raise AheadError(f"--tokens-per-step takes W,N,G=TOKENS, e.g. 15,15,15=2.9 (got '{text}')") from None
+        raise AheadError("--tokens-per-step takes W,N,G=TOKENS or treeB=TOKENS, e.g. 15,15,15=2.9 "
+                         f"(got '{text}')") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,8 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=64, help="layers of the 32B shape to build (default all 64)")
     parser.add_argument("--context", type=int, default=1024, help="tokens in the KV cache when steps are timed")
     parser.add_argument("--lookahead", default="15,15,15 8,8,8 4,6,8", help="W,N,G configs, space-separated")
+    parser.add_argument("--trees", default="32 64", help="candidate-tree budgets (rows per step), space-separated")
     parser.add_argument("--tokens-per-step", action="append", default=[], metavar="W,N,G=TOKENS",
-                        help="tokens per step measured on a real model for a config (repeatable)")
+                        help="tokens per step measured on a real model for a config, or treeB=TOKENS (repeatable)")
     parser.add_argument("--replays", type=int, default=30, help="timed steps per shape (median)")
     parser.add_argument("--skip-tp1", action="store_true", help="do not time the unsplit model on one GPU")
     opts = parser.parse_args(argv)
