@@ -6,7 +6,8 @@ softmax alone took 10 us). Here: one kernel rotates q/k, writes k/v into the cac
 lays q out for grouped-query attention; a split-K flash kernel does masked attention and
 writes heads straight into the [T, H*D] layout the output projection reads; SiLU-gate is one
 kernel, and so is each residual add with the RMSNorm after it. The CPU path (and the parity
-tests) keep the plain torch code in model.py.
+tests) keep the plain torch code in model.py. Outside the model: the top-k successors and their
+probabilities of each row of a step's logits (Token Recycling), in two launches.
 """
 
 from __future__ import annotations
@@ -156,6 +157,45 @@ if triton is not None:
         tl.store(normed + t * dim + offs, (y * scale * w).to(normed.dtype.element_ty), mask=ok)
 
 
+    @triton.jit
+    def _top_k_chunk_kernel(logits, vals, ids, maxes, sums, V, stride, C, K: tl.constexpr, BLOCK: tl.constexpr):
+        # One chunk of one row: its max, its sum of exp(x - max), and its K largest values with their ids.
+        r = tl.program_id(0)
+        c = tl.program_id(1)
+        lane = tl.arange(0, BLOCK)
+        offs = c * BLOCK + lane
+        x = tl.load(logits + r * stride + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+        m = tl.max(x, axis=0)
+        out = r * C + c
+        tl.store(maxes + out, m)
+        tl.store(sums + out, tl.sum(tl.exp(x - m), axis=0))
+        for j in tl.static_range(K):
+            best = tl.max(x, axis=0)
+            i = tl.argmax(x, axis=0)
+            tl.store(vals + out * K + j, best)
+            tl.store(ids + out * K + j, c * BLOCK + i)
+            x = tl.where(lane == i, float("-inf"), x)
+
+    @triton.jit
+    def _top_k_merge_kernel(vals, ids, maxes, sums, out_ids, out_probs, C,
+                            K: tl.constexpr, CB: tl.constexpr, CKB: tl.constexpr):
+        # One row: the K best of its chunks' candidates, as probabilities under the whole row's softmax.
+        r = tl.program_id(0)
+        oc = tl.arange(0, CB)
+        m_c = tl.load(maxes + r * C + oc, mask=oc < C, other=float("-inf"))
+        s_c = tl.load(sums + r * C + oc, mask=oc < C, other=0.0)
+        top = tl.max(m_c, axis=0)
+        lse = top + tl.log(tl.sum(s_c * tl.exp(m_c - top), axis=0))
+        o = tl.arange(0, CKB)
+        v = tl.load(vals + r * C * K + o, mask=o < C * K, other=float("-inf"))
+        for j in tl.static_range(K):
+            best = tl.max(v, axis=0)
+            i = tl.argmax(v, axis=0)
+            tl.store(out_probs + r * K + j, tl.exp(best - lse))
+            tl.store(out_ids + r * K + j, tl.load(ids + r * C * K + i).to(tl.int64))
+            v = tl.where(o == i, float("-inf"), v)
+
+
 def rope_and_cache(qkv: Tensor, cos: Tensor, sin: Tensor, slots: Tensor, kv: Tensor, n_heads: int) -> Tensor:
     """Rotate q/k, write k/v at `slots` of this layer's cache [2, H_kv, S, D]; q as [H_kv, rep*T, D]."""
     T = qkv.shape[0]
@@ -213,3 +253,24 @@ def add_rms_norm(x: Tensor, delta: Tensor, weight: Tensor, eps: float) -> Tensor
     block = triton.next_power_of_2(dim)
     _add_rms_norm_kernel[(T,)](x, delta, weight, normed, dim, eps, BLOCK=block, num_warps=8 if block >= 4096 else 4)
     return normed
+
+
+def top_k_probs(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Each row's k most likely ids (most likely first) and their softmax probabilities, for [R, V]
+    logits. torch's topk + logsumexp take ~0.3 ms for 64 rows of a 152k vocabulary on an H200 (one
+    block per row); here every 4096-wide chunk of a row is its own program, then one merges per row."""
+    R, V = logits.shape
+    block = 4096
+    chunks = triton.cdiv(V, block)
+    f32 = dict(dtype=torch.float32, device=logits.device)
+    vals = torch.empty(R, chunks, k, **f32)
+    ids = torch.empty(R, chunks, k, dtype=torch.int32, device=logits.device)
+    maxes = torch.empty(R, chunks, **f32)
+    sums = torch.empty(R, chunks, **f32)
+    _top_k_chunk_kernel[(R, chunks)](logits, vals, ids, maxes, sums, V, logits.stride(0), chunks,
+                                     K=k, BLOCK=block, num_warps=8)
+    out_ids = torch.empty(R, k, dtype=torch.long, device=logits.device)
+    out_probs = torch.empty(R, k, **f32)
+    _top_k_merge_kernel[(R,)](vals, ids, maxes, sums, out_ids, out_probs, chunks,
+                              K=k, CB=triton.next_power_of_2(chunks), CKB=triton.next_power_of_2(chunks * k))
+    return out_ids, out_probs

@@ -164,6 +164,23 @@ def test_add_rms_norm_adds_in_place_and_normalizes(dtype, tol):
     assert (got.float() - want).abs().max().item() < tol * want.abs().max().item()
 
 
+@pytest.mark.parametrize("rows,vocab", [(64, 151936), (3, 1000), (2, 4097)])
+def test_top_k_probs_are_torchs_topk_and_softmax(rows, vocab):
+    """The recycling table's top-k kernel: torch's ids (most likely first) and softmax probabilities. Catches
+    a chunk's ids left local to the chunk, a row's log-sum-exp over one chunk only, or a partial last chunk."""
+    from engine import kernels
+
+    logits = torch.randn(rows, vocab, device="cuda") * 4
+    ids, probs = kernels.top_k_probs(logits, 8)
+    values, want = logits.topk(8, dim=-1)
+    assert torch.equal(ids, want)
+    want_probs = (values - logits.logsumexp(-1, keepdim=True)).exp()
+    assert (probs - want_probs).abs().max().item() < 1e-5
+    bf16 = logits.bfloat16()  # the engine's logits: ties may reorder ids, never change the values chosen
+    ids, probs = kernels.top_k_probs(bf16, 8)
+    assert torch.equal(bf16.gather(-1, ids), bf16.topk(8, dim=-1).values)
+
+
 def test_after_warm_up_decoding_captures_no_graph():
     """warm_up captures every graph requests replay: prefill chunks, AR and lookahead at any cache length."""
     from engine.lookahead import step_shape

@@ -16,6 +16,7 @@ import heapq
 import torch
 from torch import Tensor
 
+from .. import kernels
 from . import Draft
 
 TOP_K = 8
@@ -37,6 +38,8 @@ class Recycling:
     def top(self, logits: Tensor, rows: int) -> tuple[Tensor, Tensor]:
         """Top-k successor ids and probabilities of the first `rows` rows, on the logits' device. On a GPU
         this only queues the work behind the step: reading the result is what waits for it."""
+        if kernels.usable(logits):
+            return kernels.top_k_probs(logits[:rows], self.top_k)
         x = logits[:rows].float()
         values, ids = x.topk(self.top_k, dim=-1)
         return ids, (values - x.logsumexp(-1, keepdim=True)).exp()
