@@ -37,13 +37,12 @@ OnText = Callable[[str], None]  # the completion's text so far that no stop rule
 Poll = Callable[[], bool]  # True once the request is cancelled
 
 BUILTIN_LOOKAHEAD = {"cuda": LookaheadConfig(8, 4, 8), "cpu": LookaheadConfig(4, 3, 4)}
-# cuda: the fastest of 32/64/128 rows, with and without a window, on the 1.5B (H200, 2026-11-27: 766 tok/s)
-BUILTIN_TREE = {"cuda": TreeConfig(32, 0, 2), "cpu": TreeConfig(16, 0, 2)}
-# What "lookahead" without an explicit W,N,G runs: tree decoding where it measured better than v1 (CPU,
-# SmolLM2-135M: more tokens per step and less time per token), v1 on CUDA, where the tree commits more per
-# step (3.91 vs 2.70 tokens, 1.5B on an H200) but its host work per step (~1.9 ms) makes it slower end to
-# end (1.52x AR against lookahead's 1.82x).
-TREE_BY_DEFAULT = {"cpu": True, "cuda": False}
+# cuda: the fastest of 32/48/64/96 rows on the 1.5B (H200, 2026-11-27: 889 tok/s, 1.97x AR on 16 dev cases)
+BUILTIN_TREE = {"cuda": TreeConfig(48, 0, 2), "cpu": TreeConfig(16, 0, 2)}
+# What "lookahead" without an explicit W,N,G runs: tree decoding, where it measured better than v1. CPU,
+# SmolLM2-135M: more tokens per step and less time per token. CUDA, the 1.5B on an H200 over the 40 dev
+# cases: 2.10x AR end to end against v1's 1.81x (1.69x against 1.56x with stop rules).
+TREE_BY_DEFAULT = {"cpu": True, "cuda": True}
 ANONYMOUS = "<anonymous>"
 
 
