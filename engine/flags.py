@@ -122,19 +122,19 @@ def parse_lookahead(text: str, flag: str = "--lookahead") -> LookaheadConfig:
 
 
 def step_tokens(decoding: str, cfg: LookaheadConfig | None) -> int:
-    """Cache slots one decoding step takes beyond the committed tokens; the biggest built-in
-    lookahead step when the config is only known once the engine has loaded (tuned or built-in)."""
-    if decoding == "tree":
-        from .engine import BUILTIN_TREE
+    """Cache slots one decoding step takes beyond the committed tokens; the biggest built-in step
+    when the config is only known once the engine has loaded (tuned or built-in). "lookahead"
+    without W,N,G runs tree decoding where that is the device's default."""
+    from .engine import BUILTIN_LOOKAHEAD, BUILTIN_TREE
 
-        return max(c.budget for c in BUILTIN_TREE.values())
+    tree = max(c.budget for c in BUILTIN_TREE.values())
+    if decoding == "tree":
+        return tree
     if decoding != "lookahead":
         return 1
     if cfg is not None:
         return cfg.step_tokens
-    from .engine import BUILTIN_LOOKAHEAD
-
-    return max(c.step_tokens for c in BUILTIN_LOOKAHEAD.values())
+    return max(tree, *(c.step_tokens for c in BUILTIN_LOOKAHEAD.values()))
 
 
 def check_fits(args: argparse.Namespace, max_tokens: int, step: int) -> None:

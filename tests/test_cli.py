@@ -280,3 +280,16 @@ def test_no_completion_is_said_on_stderr(smollm2_engine, source: Path, monkeypat
     out, err = capsys.readouterr()
     assert out == ""
     assert err.splitlines()[0] == "(no completion: length)" and "stop: length" in err
+
+
+def test_the_fit_check_counts_the_tree_a_plain_lookahead_may_run(monkeypatch) -> None:
+    """`--decoding lookahead` without W,N,G runs the default tree where that is the device's default, so the
+    check before loading must leave room for a built-in tree step bigger than any lookahead step."""
+    from engine import engine, flags
+    from engine.lookahead import LookaheadConfig
+    from engine.tree_decoding import TreeConfig
+
+    monkeypatch.setitem(engine.BUILTIN_TREE, "cuda", TreeConfig(160))
+    assert flags.step_tokens("lookahead", None) == 160 == flags.step_tokens("tree", None)
+    assert flags.step_tokens("lookahead", LookaheadConfig(2, 3, 2)) == LookaheadConfig(2, 3, 2).step_tokens
+    assert flags.step_tokens("ar", None) == 1
