@@ -17,6 +17,7 @@ is captured once and every step sets its positions and mask (`load`, `Runner.set
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -45,19 +46,9 @@ class TokenTrie:
 
     def insert(self, tokens: tuple[int, ...] | list[int], source: str, keys: list[str]) -> None:
         """Add one draft; `keys[i]` is the calibration key of its i-th token."""
-        nodes = self.nodes
-        index, node = 0, nodes[0]
-        for token, key in zip(tokens, keys, strict=True):
-            child = node.children.get(token)
-            if child is None:
-                child = len(nodes)
-                nodes.append(Node(token, index, node.depth + 1))
-                node.children[token] = child
-            index, node = child, nodes[child]
-            if source not in node.keys:
-                node.keys[source] = key
+        self.graft(tokens, range(-1, len(tokens) - 1), source, keys)
 
-    def graft(self, tokens: list[int], parents: list[int], source: str, keys: list[str]) -> None:
+    def graft(self, tokens: Sequence[int], parents: Sequence[int], source: str, keys: Sequence[str]) -> None:
         """Add a whole draft tree at once: its node j is tokens[j] under its node parents[j] (-1: the
         root), parents first. Cheaper than inserting each root-to-leaf path of a bushy tree."""
         nodes = self.nodes

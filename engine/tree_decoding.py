@@ -15,7 +15,7 @@ from functools import partial
 
 from .decoding import DecodeState, decode_ar
 from .runner import Runner
-from .sources import Draft, Source, prob_bucket
+from .sources import Source, prob_bucket
 from .sources.jacobi import JacobiWindow
 from .sources.recycling import Recycling
 from .tree import TokenTrie, accept, build_step, load, tree_shape
@@ -101,13 +101,6 @@ class Drafters:
     calibration: Calibration = field(default_factory=Calibration)
 
 
-def token_keys(draft: Draft) -> list[str]:
-    """Calibration key of each token of a draft: its probability bucket when the source gave one."""
-    if draft.probs is None:
-        return [draft.key] * len(draft.tokens)
-    return [prob_bucket(p) for p in draft.probs]
-
-
 def decode_tree(runner: Runner, state: DecodeState, cfg: TreeConfig, drafters: Drafters,
                 overlap: bool | None = None) -> None:
     """Greedy decoding, several tokens per step where the drafts are right.
@@ -132,13 +125,13 @@ def decode_tree(runner: Runner, state: DecodeState, cfg: TreeConfig, drafters: D
         trie = TokenTrie(seq[-1])
         for source in sources:
             for draft in source.propose(seq, cfg.depth, room):
-                trie.insert(draft.tokens, draft.source, token_keys(draft))
+                trie.insert(draft.tokens, draft.source, [draft.key] * len(draft.tokens))
         if recycling is not None:
             tokens, parents, probs = recycling.tree(seq, cfg.depth, room)
             trie.graft(tokens, parents, recycling.name, [prob_bucket(q) for q in probs])
         if window is not None:
             for draft in window.propose(seq, cfg.depth, room):
-                trie.insert(draft.tokens, draft.source, token_keys(draft))
+                trie.insert(draft.tokens, draft.source, [draft.key] * len(draft.tokens))
         trie.score(calibration.prob)
         chosen = trie.select(room)
         step = build_step(cfg.budget, trie, chosen, window.layout() if window else None,

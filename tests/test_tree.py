@@ -194,6 +194,19 @@ def test_suffix_automaton_matches_and_branches() -> None:
     assert len(full.text) <= 20 and full.records[-1] == [109] * 3 and [100] * 3 not in full.records
 
 
+def leaf_paths(rec: Recycling, seq: list[int], depth: int, limit: int) -> list[tuple[tuple, tuple]]:
+    """The root-to-leaf paths of `rec.tree`, with their tokens' probabilities."""
+    tokens, parents, probs = rec.tree(seq, depth, limit)
+    out = []
+    for leaf in set(range(len(tokens))) - set(parents):
+        path, node = [], leaf
+        while node >= 0:
+            path.append(node)
+            node = parents[node]
+        out.append((tuple(tokens[i] for i in reversed(path)), tuple(probs[i] for i in reversed(path))))
+    return out
+
+
 def test_recycling_grows_the_most_probable_tree() -> None:
     """The table keeps each token's latest top-k successors from the logits; drafts are the root-to-leaf paths
     of the best-first tree. Catches a table keyed by the wrong row and a tree that ignores probabilities."""
@@ -205,20 +218,20 @@ def test_recycling_grows_the_most_probable_tree() -> None:
     rec.learn([1, 4, 6], logits)
     assert rec.table[1][0] == (4, 5) and rec.table[4][0] == (6, 7)
     assert rec.table[1][1][0] == pytest.approx(torch.softmax(logits[0], -1)[4].item(), rel=1e-5)
-    drafts = rec.propose([0, 1], depth=3, limit=4)
+    drafts = leaf_paths(rec, [0, 1], depth=3, limit=4)
     # Best 4 nodes: 4 (.73), 4-6 (.72), 4-6-8 and 4-6-9 (.36 each) beat 5 (.27).
-    assert sorted(d.tokens for d in drafts) == [(4, 6, 8), (4, 6, 9)]
-    assert all(d.probs is not None and len(d.probs) == len(d.tokens) for d in drafts)
-    assert rec.propose([0, 2], 3, 4) == []  # nothing known about token 2
-    assert len(rec.propose([0, 1], depth=1, limit=4)) == 2  # depth 1: just the two successors
+    assert sorted(tokens for tokens, _ in drafts) == [(4, 6, 8), (4, 6, 9)]
+    assert all(len(probs) == len(tokens) for tokens, probs in drafts)
+    assert leaf_paths(rec, [0, 2], 3, 4) == []  # nothing known about token 2
+    assert len(leaf_paths(rec, [0, 1], depth=1, limit=4)) == 2  # depth 1: just the two successors
     # Successors seen after the pair (7, 1) win over token 1's own, for that pair only.
     after_pair = torch.full((1, 10), -30.0)
     after_pair[0, 3] = 9.0
     rec.learn([1], after_pair, previous=[7])
-    assert rec.propose([7, 1], depth=1, limit=1)[0].tokens == (3,)
-    assert rec.propose([0, 1], depth=1, limit=1)[0].tokens == (3,)  # the plain table saw the newest row too
+    assert leaf_paths(rec, [7, 1], depth=1, limit=1)[0][0] == (3,)
+    assert leaf_paths(rec, [0, 1], depth=1, limit=1)[0][0] == (3,)  # the plain table saw the newest row too
     rec.learn([1], logits[:1], previous=[None])
-    assert rec.propose([7, 1], 1, 1)[0].tokens == (3,) and rec.propose([0, 1], 1, 1)[0].tokens == (4,)
+    assert leaf_paths(rec, [7, 1], 1, 1)[0][0] == (3,) and leaf_paths(rec, [0, 1], 1, 1)[0][0] == (4,)
     bounded = Recycling(top_k=1, max_pairs=8)
     for t in range(20):
         bounded.learn([t], logits[:1], previous=[100 + t])

@@ -33,7 +33,7 @@ from ..tree_decoding import Calibration, TreeConfig
 from .harness import cases_path, load_cases
 
 PARTS = [  # (owner, attribute, label): what the tree loop calls, timed where it is looked up
-    (tree_decoding, "token_keys", "draft keys"), (tree_decoding, "build_step", "step layout"),
+    (tree_decoding, "build_step", "step layout"),
     (tree_decoding, "load", "layout copy"), (tree_decoding, "accept", "accept"),
     (TokenTrie, "insert", "trie insert"), (TokenTrie, "graft", "trie graft"), (TokenTrie, "score", "trie score"),
     (TokenTrie, "select", "trie select"), (Calibration, "learn", "calibration (overlapped on GPU)"),

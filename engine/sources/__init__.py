@@ -2,8 +2,8 @@
 
 One verifier (`engine/tree.py`) checks every source's guesses in a single forward, so a source
 only has to say what it believes comes next and how it would like its confidence judged:
-`Draft.key` names its calibration bucket (e.g. the length of the match it came from), or
-`Draft.probs` gives per-token probabilities it knows better than any bucket (Token Recycling).
+`Draft.key` names its calibration bucket (e.g. the length of the match it came from). Token
+Recycling knows each token's probability instead (`prob_bucket`) and grafts a whole tree.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ class Draft:
     source: str  # the source's name, for calibration and accounting
     tokens: tuple[int, ...]  # guessed continuation after the last committed token
     key: str = ""  # calibration bucket within the source (e.g. "m4": a 4-token match)
-    probs: tuple[float, ...] | None = None  # per-token conditional probabilities, when the source has them
 
 
 class Source(Protocol):

@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 
 from .. import kernels
-from . import Draft
 
 TOP_K = 8
 MAX_PAIRS = 1 << 18  # (previous, token) entries kept (~100 MB at most); the oldest quarter goes when full
@@ -99,20 +98,3 @@ class Recycling:
                     order += 1
                     heapq.heappush(heap, (neg * below[1][0], order, node, -neg, below, 0))
         return tokens, parents, probs
-
-    def propose(self, seq: list[int], depth: int, limit: int) -> list[Draft]:
-        """`tree`'s root-to-leaf paths, as drafts."""
-        tokens, parents, probs = self.tree(seq, depth, limit)
-        inner = set(parents)
-        drafts = []
-        for leaf in range(len(tokens)):
-            if leaf in inner:
-                continue
-            path = []
-            node = leaf
-            while node >= 0:
-                path.append(node)
-                node = parents[node]
-            path.reverse()
-            drafts.append(Draft(self.name, tuple(tokens[i] for i in path), probs=tuple(probs[i] for i in path)))
-        return drafts
