@@ -22,7 +22,7 @@ from .loading import Log, build_model, load_checkpoint, release_weights, resolve
 from .lookahead import LookaheadConfig, decode_lookahead, step_shape
 from .model import WHOLE
 from .parallel import TensorParallel
-from .prompt import PromptBudget, build_prompt
+from .prompt import PromptBudget, build_prompt, suffix_window
 from .request import ALL_ON, CompletionRequest, Switches
 from .runner import Runner
 from .sessions import SessionStore
@@ -243,7 +243,7 @@ class Engine:
             decode_lookahead(self.runner, state, cfg, session.pool_for(ids, cfg, switches.persistent_pool))
         elif tree is not None:
             # Without fill-in-the-middle the prompt lacks the code after the cursor, which completions often copy.
-            extra = [] if prompt.fim else self.codec.encode(suffix)[: self.options.budget.suffix_tokens]
+            extra = [] if prompt.fim else suffix_window(self.codec, suffix, self.options.budget)
             drafters = self.sessions.drafters(session, state.seq, tree, extra, switches.persistent_pool)
             decode_tree(self.runner, state, tree, drafters)
             self.sessions.completed(session, ids, state.new, switches.persistent_pool)
