@@ -41,7 +41,7 @@ from torch import Tensor
 
 from .errors import AheadError
 from .model import ModelArgs, Shard, Transformer
-from .runner import Runner, StepShape
+from .runner import Runner, StepShape, sync
 
 if TYPE_CHECKING:
     from .loading import Checkpoint
@@ -121,11 +121,6 @@ def time_all_reduce(rows: int, dim: int, count: int, reps: int, device: torch.de
         sync(device)
         times.append((time.perf_counter() - started) * 1e3)
     return statistics.median(times)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # -- rank 0 -------------------------------------------------------------------------------------------

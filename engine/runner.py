@@ -19,6 +19,12 @@ from torch import Tensor
 from .model import Transformer
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU): before reading a clock or a timing."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @dataclass(eq=False)
 class StepShape:
     name: str

@@ -26,6 +26,7 @@ from .. import flags
 from ..engine import Completion, Engine
 from ..errors import AheadError
 from ..lookahead import LookaheadConfig, step_shape
+from ..runner import sync
 from ..stops import StopRules
 from ..tree import tree_shape
 from ..tree_decoding import TreeConfig
@@ -41,7 +42,6 @@ from .harness import (
     percentile,
     progress,
     prompt_ids,
-    sync,
     warm_engine,
     write_chart,
 )

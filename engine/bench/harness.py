@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from ..engine import Completion, Engine
@@ -23,7 +22,7 @@ from ..errors import AheadError
 from ..lookahead import LookaheadConfig
 from ..prompt import build_prompt
 from ..request import CompletionRequest, Switches
-from ..runner import DECODE, StepShape
+from ..runner import DECODE, StepShape, sync
 from ..stops import StopRules
 from ..tree_decoding import TreeConfig
 from .commands import DEFAULT_CASES
@@ -97,11 +96,6 @@ def prompt_ids(engine: Engine, case: dict) -> list[int]:
 
 
 # -- graph warm-up --------------------------------------------------------------------------------
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def capture_shapes(engine: Engine, shapes: list[StepShape], spans: list[tuple[int, int]]) -> None:
     """Capture each shape's CUDA graphs, outside any timing, for every visible-length bucket that a
     step based at a slot in one of `spans` (first, last base slot) will use.

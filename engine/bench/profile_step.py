@@ -29,7 +29,7 @@ def profile(engine, shape: StepShape, base: int, replays: int) -> dict:
 
     from .tune import time_step
 
-    step_ms = time_step(engine, shape, base, replays)
+    step_ms = time_step(engine.runner, shape, base, replays)
     runner = engine.runner
     tokens = torch.randint(engine.model.args.vocab_size, (shape.size,)).tolist()
     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:

@@ -21,7 +21,6 @@ import dataclasses
 import gc
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -31,9 +30,10 @@ from ..errors import AheadError
 from ..loading import kv_bytes, weight_bytes
 from ..lookahead import LookaheadConfig, step_shape
 from ..model import WHOLE, ModelArgs
-from ..parallel import TensorParallel, random_model, sync
-from ..runner import DECODE, Runner, StepShape
+from ..parallel import TensorParallel, random_model
+from ..runner import DECODE, Runner, StepShape, sync
 from ..tree import tree_shape
+from .tune import time_step
 
 QWEN25_CODER_32B = ModelArgs(arch="qwen2", vocab_size=152064, dim=5120, n_layers=64, n_heads=40, n_kv_heads=8,
                              head_dim=128, intermediate_size=27648, norm_eps=1e-6, rope_theta=1e6, qkv_bias=True,
@@ -45,20 +45,6 @@ SEED_SPEEDUP = 1.6  # the seed's TP=2 lookahead (15,15,15) over TP=2 AR on Qwen2
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def time_step(runner: Runner, shape: StepShape, base: int, replays: int) -> float:
-    """Median ms of one step at `base`, reading its argmax back as the decode loops do."""
-    tokens = torch.randint(runner.model.args.vocab_size, (shape.size,)).tolist()
-    for _ in range(3):  # capture and settle
-        runner.step(shape, tokens, base)[0].tolist()
-    times = []
-    for _ in range(replays):
-        sync(runner.device)
-        started = time.perf_counter()
-        runner.step(shape, tokens, base)[0].tolist()
-        times.append((time.perf_counter() - started) * 1e3)
-    return statistics.median(times)
 
 
 def copy_bandwidth(device: torch.device, nbytes: int, reps: int = 10) -> float:

@@ -24,7 +24,7 @@ import torch
 from .. import flags, tree_decoding
 from ..decoding import DecodeState
 from ..request import CompletionRequest
-from ..runner import DECODE
+from ..runner import DECODE, sync
 from ..sources.history import HistoryLookup
 from ..sources.prompt_lookup import PromptLookup
 from ..sources.recycling import Recycling
@@ -76,8 +76,7 @@ def bare_steps(engine, sizes: list[int], base: int, replays: int = 50) -> dict[s
             engine.runner.step(shape, tokens, base)[0].tolist()
         launch, total = [], []
         for _ in range(replays):
-            if engine.device.type == "cuda":
-                torch.cuda.synchronize()
+            sync(engine.device)
             started = time.perf_counter()
             argmax, _ = engine.runner.step(shape, tokens, base)
             launched = time.perf_counter()

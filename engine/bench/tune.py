@@ -38,7 +38,7 @@ from ..loading import (
     weight_bytes,
 )
 from ..lookahead import LookaheadConfig, step_shape
-from ..runner import DECODE, StepShape
+from ..runner import DECODE, Runner, StepShape, sync
 from ..tree import tree_shape
 from ..tree_decoding import TreeConfig
 from ..tuning_store import store_tuned, tuning_key
@@ -53,7 +53,6 @@ from .harness import (
     load_cases,
     mean,
     progress,
-    sync,
     warm_engine,
     write_chart,
 )
@@ -254,15 +253,14 @@ def shape_engine(args: argparse.Namespace) -> Engine:
     return engine
 
 
-def time_step(engine: Engine, shape: StepShape, base: int, replays: int) -> float:
+def time_step(runner: Runner, shape: StepShape, base: int, replays: int) -> float:
     """Median ms of one step at `base` including reading its argmax back, as the decode loops do."""
-    runner = engine.runner
-    tokens = torch.randint(engine.model.args.vocab_size, (shape.size,)).tolist()
+    tokens = torch.randint(runner.model.args.vocab_size, (shape.size,)).tolist()
     for _ in range(3):  # capture and settle
         runner.step(shape, tokens, base)[0].tolist()
     times = []
     for _ in range(replays):
-        sync(engine.device)
+        sync(runner.device)
         started = time.perf_counter()
         runner.step(shape, tokens, base)[0].tolist()
         times.append((time.perf_counter() - started) * 1e3)
@@ -286,10 +284,10 @@ def run_shape(engine: Engine, args: argparse.Namespace, configs: list[Config],
     context = args.context
     g = torch.Generator().manual_seed(0)
     engine.runner.prefill(torch.randint(engine.model.args.vocab_size, (context,), generator=g).tolist(), 0)
-    ar_ms = time_step(engine, DECODE, context, args.replays)
+    ar_ms = time_step(engine.runner, DECODE, context, args.replays)
     results = []
     for cfg in progress(configs, "steps", "config"):
-        ms = time_step(engine, shape_of(cfg), context, args.replays)
+        ms = time_step(engine.runner, shape_of(cfg), context, args.replays)
         tps = real_tps.get(str(cfg))
         results.append({
             "config": str(cfg), "kind": kind_of(cfg), **describe(cfg), "step_tokens": cfg.step_tokens,
