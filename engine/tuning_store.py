@@ -3,12 +3,10 @@ for the engine to pick up."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
+from .atomic import replace_atomically
 from .default_model import cache_dir
 from .errors import AheadError
 from .lookahead import LookaheadConfig
@@ -57,16 +55,8 @@ def store_tuned(engine, cfg, summary: dict, kind: str = "lookahead") -> Path:
 def write_atomically(path: Path, text: str) -> None:
     """Replace `path` with `text` whole or not at all: a full disk must not truncate the configs tuned
     before (a plain write_text empties the file first). The failure is one line the user can act on."""
-    tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        replace_atomically(path, lambda tmp: Path(tmp).write_text(text))
     except OSError as exc:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
         raise AheadError(f"could not store the tuned config in {path} ({exc.strerror or exc}); "
                          "the engine keeps its previous choice") from None

@@ -10,14 +10,13 @@ rename) and rebuilt whenever safetensors cannot read it; failing to write it onl
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from .atomic import replace_atomically
 from .default_model import cache_dir
 
 # Bump when the conversion changes (names, Q/K un-permutation, ...): old files then simply miss.
@@ -74,21 +73,12 @@ def write(path: Path, state: dict[str, Tensor], source: Path, log: Callable[[str
     """Store `state` at `path` atomically. A read-only or full disk logs one line and returns False."""
     from safetensors.torch import save_file
 
-    tmp = None
+    meta = {"format": f"ahead-weights-v{FORMAT_VERSION}", "source": source.name}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        os.close(fd)
-        meta = {"format": f"ahead-weights-v{FORMAT_VERSION}", "source": source.name}
-        save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=meta)
-        os.replace(tmp, path)
+        replace_atomically(path, lambda tmp: save_file({k: v.contiguous() for k, v in state.items()}, tmp,
+                                                       metadata=meta))
         return True
     except Exception as exc:  # OSError (read-only, ENOSPC) or safetensors' own error for a short write
         log(f"ahead: could not cache converted weights at {path} ({str(exc).splitlines()[0]}); "
             "the next start converts again")
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
         return False

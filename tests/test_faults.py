@@ -308,3 +308,22 @@ def test_tuned_config_on_a_full_disk_is_one_error_and_keeps_the_old_one(tiny_eng
     assert store_path().read_text() == before
     assert lookup_tuned(engine) == LookaheadConfig(5, 3, 2)
     assert sorted(p.name for p in store_path().parent.iterdir()) == ["tuned.json"]
+
+
+def test_a_failed_atomic_replace_keeps_the_old_file_and_leaves_no_temporary(tmp_path: Path) -> None:
+    """The one helper behind tuned.json and the weights cache: a writer that dies halfway must leave the old
+    file as it was and no temporary beside it. Catches a write in place or a leaked .tmp."""
+    from engine.atomic import replace_atomically
+
+    target = tmp_path / "tuned.json"
+    target.write_text("old")
+
+    def half(tmp: str) -> None:
+        Path(tmp).write_text("ne")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        replace_atomically(target, half)
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["tuned.json"]
+    replace_atomically(target, lambda tmp: Path(tmp).write_text("new"))
+    assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["tuned.json"]
