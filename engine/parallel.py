@@ -238,16 +238,24 @@ class LeaderRunner(Runner):
     _handles: dict[int, int] = field(default_factory=dict)  # id(saved K/V) -> the followers' handle for it
     _next_handle: itertools.count = field(default_factory=itertools.count)
     _freed: list[int] = field(default_factory=list)  # handles whose K/V rank 0 has let go of
+    _queued: list[bytes] = field(default_factory=list)  # messages that ride along with the next send
 
     def _send(self, message: dict) -> None:
-        data = msgpack.packb(message)
+        """Send `message` after everything queued: one pipe write per model call."""
         if self._freed:  # the followers drop their copies of parked K/V that rank 0 dropped
             freed, self._freed = self._freed, []
-            data = msgpack.packb({"op": "drop", "ids": freed}) + data
+            self._queue({"op": "drop", "ids": freed})
+        data = b"".join([*self._queued, msgpack.packb(message)])
+        self._queued.clear()
         self.tp.send(data)
 
+    def _queue(self, message: dict) -> None:
+        """A message the followers need only once the next step runs: a tree step's layout goes out with
+        that step, not as a write of its own."""
+        self._queued.append(msgpack.packb(message))
+
     def _send_layout(self, name: str, rel_pos: Tensor, local: Tensor, logits: bool) -> None:
-        self._send({"op": "layout", "name": name, "rel_pos": rel_pos.tolist(),
+        self._queue({"op": "layout", "name": name, "rel_pos": rel_pos.tolist(),
                     "local": local.cpu().numpy().tobytes(), "logits": logits})
 
     def set_layout(self, shape: StepShape, rel_pos: Tensor, local: Tensor) -> None:
