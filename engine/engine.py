@@ -147,6 +147,12 @@ class Engine:
             self._lookahead = tuned or BUILTIN_LOOKAHEAD["cuda" if self.device.type == "cuda" else "cpu"]
         return self._lookahead
 
+    def default_decoding(self) -> str:
+        """What a request for plain lookahead (no W,N,G) runs here, with its config: for status lines."""
+        if TREE_BY_DEFAULT[self.device.type]:
+            return f"tree {self.default_tree()}"
+        return f"lookahead {self.default_lookahead()}"
+
     def default_tree(self) -> TreeConfig:
         """The tuned tree budget and sources for this model and device, else the built-in ones."""
         if self._tree is None:

@@ -120,7 +120,8 @@ class Daemon:
             **self.info(),
             "memory": memory,
             "sessions": len(engine.sessions.sessions),
-            "lookahead": str(engine.default_lookahead()),
+            "decoding": engine.default_decoding(),  # what a request without W,N,G runs
+            "lookahead": str(engine.default_lookahead()),  # v1's config, for requests that name lookahead's W,N,G
             "latency_ms": {"p50": pct(0.5), "p95": pct(0.95), "count": len(ordered)},
             "requests": self.requests,
             "cancelled": self.cancelled,

@@ -183,6 +183,7 @@ def test_status_reports_the_engine(daemon: Path) -> None:
         assert key in status, key
     assert status["latency_ms"]["count"] >= 1 and status["latency_ms"]["p50"] > 0
     assert status["sessions"] >= 1 and status["queue"] == 0
+    assert status["decoding"].startswith("tree ")  # the CPU default: what the completion above ran
 
 
 def test_socket_is_private(daemon: Path) -> None:
