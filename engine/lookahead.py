@@ -120,6 +120,30 @@ class NGramPool:
         return found
 
 
+class JacobiGrid:
+    """The lookahead branch: W columns x L levels of guessed tokens, laid out level after level in step rows
+    1..W*L. Each step the levels shift up, the last level's predictions become the newest level, and each
+    column contributes the n-gram along its trajectory (L guesses + the prediction) to the pool."""
+
+    def __init__(self, window: int, levels: int, seq: list[int]):
+        self.window, self.levels = window, levels
+        n = window * levels
+        # Start from the prompt's own recent tokens: cheap, deterministic guesses.
+        seed = seq[-n:] if len(seq) >= n else (seq * (n // max(1, len(seq)) + 1))[:n]
+        self.grid = [list(seed[j * window : (j + 1) * window]) for j in range(levels)]
+
+    def tokens(self) -> list[int]:
+        return [t for level in self.grid for t in level]
+
+    def update(self, pred: list[int], pool: NGramPool) -> None:
+        """Jacobi iteration with this step's predictions (pred[r] for step row r)."""
+        W, L = self.window, self.levels
+        newest = [pred[1 + (L - 1) * W + i] for i in range(W)]
+        for i in range(W):
+            pool.add_ngram(tuple(self.grid[j][i] for j in range(L)) + (newest[i],))
+        self.grid = self.grid[1:] + [newest]
+
+
 def decode_lookahead(runner: Runner, state: DecodeState, cfg: LookaheadConfig, pool: NGramPool) -> None:
     if cfg.ngram < 2:
         return decode_ar(runner, state)
@@ -127,16 +151,12 @@ def decode_lookahead(runner: Runner, state: DecodeState, cfg: LookaheadConfig, p
     W, L, G = cfg.window, cfg.ngram - 1, cfg.verify
     first_cand = 1 + W * L
     seq = state.seq
-    # Start the window from the prompt's own recent tokens: cheap, deterministic guesses.
-    seed = seq[-W * L :] if len(seq) >= W * L else (seq * (W * L // max(1, len(seq)) + 1))[: W * L]
-    levels = [list(seed[j * W : (j + 1) * W]) for j in range(L)]
+    window = JacobiGrid(W, L, seq)
     while not state.done():
         started = time.perf_counter()
         p = len(seq) - 1
         cands = pool.candidates(seq[-2] if len(seq) > 1 else None, seq[-1], G, cfg.key) if G else []
-        tokens = [seq[-1]]
-        for level in levels:
-            tokens.extend(level)
+        tokens = [seq[-1], *window.tokens()]
         for cand in cands:
             tokens.extend(cand)
         tokens.extend([seq[-1]] * (shape.size - len(tokens)))  # padding candidates
@@ -158,12 +178,7 @@ def decode_lookahead(runner: Runner, state: DecodeState, cfg: LookaheadConfig, p
         else:
             commit = [pred[0]]
 
-        # Jacobi update: levels shift up, the last level's predictions become the newest level,
-        # and each column contributes the n-gram along its trajectory to the pool.
-        last_level = [pred[1 + (L - 1) * W + i] for i in range(W)]
-        for i in range(W):
-            pool.add_ngram(tuple(levels[j][i] for j in range(L)) + (last_level[i],))
-        levels = levels[1:] + [last_level]
+        window.update(pred, pool)
 
         kept = state.commit(commit, started)
         moved = min(best_len, kept - 1)
