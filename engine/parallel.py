@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 import msgpack
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -254,11 +255,11 @@ class LeaderRunner(Runner):
         that step, not as a write of its own."""
         self._queued.append(msgpack.packb(message))
 
-    def _send_layout(self, name: str, rel_pos: Tensor, local: Tensor, logits: bool) -> None:
-        self._queue({"op": "layout", "name": name, "rel_pos": rel_pos.tolist(),
-                    "local": local.cpu().numpy().tobytes(), "logits": logits})
+    def _send_layout(self, name: str, rel_pos: Tensor | np.ndarray, local: Tensor | np.ndarray, logits: bool) -> None:
+        self._queue({"op": "layout", "name": name, "rel_pos": np.asarray(rel_pos).tolist(),
+                    "local": np.asarray(local, dtype=bool).tobytes(), "logits": logits})
 
-    def set_layout(self, shape: StepShape, rel_pos: Tensor, local: Tensor) -> None:
+    def set_layout(self, shape: StepShape, rel_pos: Tensor | np.ndarray, local: Tensor | np.ndarray) -> None:
         self._send_layout(shape.name, rel_pos, local, shape.logits)
         self._shapes_sent.add(shape.name)
         super().set_layout(shape, rel_pos, local)

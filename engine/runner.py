@@ -4,7 +4,8 @@ A step is described by a `StepShape`: how many query tokens it has, each one's p
 relative to the step's base slot, and which of the step's own tokens each may see. Every
 step writes its tokens' K/V at slots base..base+T-1 and sees all slots below base. The
 mask, positions and slots are computed on the device from the base slot, so one captured
-graph per (shape, visible-length bucket) serves every step of that shape.
+graph per (shape, visible-length bucket) serves every step of that shape. A step's inputs
+reach the device in one copy (`staging.StepInputs`).
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .model import Transformer
+from .staging import Staging, StepInputs
 
 
 def sync(device: torch.device) -> None:
@@ -51,8 +54,6 @@ DECODE = causal_shape(1, "decode", logits=True)
 @dataclass
 class Captured:
     graph: torch.cuda.CUDAGraph
-    tokens: Tensor
-    base: Tensor
     argmax: Tensor
     logits: Tensor | None
 
@@ -70,7 +71,8 @@ class Runner:
     graph_prefill_sizes: tuple[int, ...] = (32, 128, 512)
     graphs: dict[tuple[str, int], Captured] = field(default_factory=dict)
     _pool: object = None
-    _device_shapes: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    _inputs: dict[str, StepInputs] = field(default_factory=dict)  # per shape; its graphs read them by reference
+    _moves: Staging | None = None  # slot-move indices, grown as needed
     _warmed: set[str] = field(default_factory=set)  # shapes whose eager pre-capture runs are done
 
     def __post_init__(self) -> None:
@@ -83,31 +85,30 @@ class Runner:
     def visible_len(self, end: int) -> int:
         return min(self.capacity, -(-end // self.kv_bucket) * self.kv_bucket)
 
-    def _on_device(self, shape: StepShape) -> tuple[Tensor, Tensor]:
-        cached = self._device_shapes.get(shape.name)
-        if cached is None:
-            cached = (shape.rel_pos.to(self.device), shape.local.to(self.device))
-            self._device_shapes[shape.name] = cached
-        return cached
+    def inputs(self, shape: StepShape) -> StepInputs:
+        """`shape`'s input buffers, made on its first step with the shape's own layout."""
+        inputs = self._inputs.get(shape.name)
+        if inputs is None:
+            inputs = self._inputs[shape.name] = StepInputs(shape.rel_pos, shape.local, self.device)
+        return inputs
 
-    def set_layout(self, shape: StepShape, rel_pos: Tensor, local: Tensor) -> None:
-        """New positions and mask for `shape`'s next steps (a token tree changes them every step). Its
-        captured graphs read the device copies by reference, so they are overwritten in place."""
-        device_rel_pos, device_local = self._on_device(shape)
-        device_rel_pos.copy_(rel_pos, non_blocking=True)
-        device_local.copy_(local, non_blocking=True)
+    def set_layout(self, shape: StepShape, rel_pos: Tensor | np.ndarray, local: Tensor | np.ndarray) -> None:
+        """New positions and mask for `shape`'s next steps (a token tree changes them every step); they
+        go to the device with the next step's tokens."""
+        self.inputs(shape).set_layout(rel_pos, local)
 
-    def _forward(self, shape: StepShape, tokens: Tensor, base: Tensor, visible: int) -> tuple[Tensor, Tensor | None]:
-        """The whole step from device tensors only, so that it can be captured."""
-        rel_pos, local = self._on_device(shape)
+    def _forward(self, shape: StepShape, visible: int) -> tuple[Tensor, Tensor | None]:
+        """The whole step from the shape's device inputs only, so that it can be captured."""
+        inputs = self.inputs(shape)
+        base, local = inputs.base, inputs.local
         T = shape.size
-        positions = base + rel_pos
+        positions = base + inputs.rel_pos
         slots = base + self._arange[:T]
         s = self._arange[:visible]
         offset = s - base  # [L]: where each visible slot falls inside this step's block
         in_block = (offset >= 0) & (offset < T)
         mask = (s < base) | (local[:, offset.clamp(0, T - 1)] & in_block)
-        out = self.model(tokens, positions, slots, mask, logits=shape.logits)
+        out = self.model(inputs.tokens, positions, slots, mask, logits=shape.logits)
         if not shape.logits:
             return out[:0, 0].long(), None
         return out.argmax(-1), out
@@ -124,19 +125,17 @@ class Runner:
         T = shape.size
         if base + T > self.capacity:
             raise ValueError(f"step of {T} tokens at slot {base} exceeds the cache ({self.capacity} slots)")
-        if not isinstance(tokens, Tensor):
-            tokens = torch.tensor(tokens, dtype=torch.long)
+        if len(tokens) != T:
+            raise ValueError(f"a {shape.name} step takes {T} tokens (got {len(tokens)})")
         visible = self.visible_len(base + T)
+        self.inputs(shape).send(tokens, base)
         if not (self.use_graphs and graph):
             with torch.no_grad():
-                return self._forward(shape, tokens.to(self.device), torch.tensor(base, device=self.device), visible)
+                return self._forward(shape, visible)
         key = (shape.name, visible)
         cap = self.graphs.get(key)
         if cap is None:
-            cap = self._capture(shape, tokens, base, visible)
-            self.graphs[key] = cap
-        cap.tokens.copy_(tokens, non_blocking=True)
-        cap.base.fill_(base)
+            cap = self.graphs[key] = self._capture(shape, visible)
         cap.graph.replay()
         return cap.argmax, cap.logits
 
@@ -153,26 +152,24 @@ class Runner:
         return tuple(out)
 
     @torch.no_grad()
-    def _capture(self, shape: StepShape, tokens: Tensor, base: int, visible: int) -> Captured:
+    def _capture(self, shape: StepShape, visible: int) -> Captured:
         # Eager runs first, once per shape (library handles, kernel compiles), on a side stream as
         # capture requires; other cache lengths of the shape reuse them (warm-up of 111 graphs for the
         # 1.5B on an H200: 8.6 s -> 5.4 s). They write the same K/V the real step is about to write.
-        tokens_buf = tokens.to(self.device).clone()
-        base_buf = torch.tensor(base, device=self.device)
         if shape.name not in self._warmed:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
                 for _ in range(2):
-                    self._forward(shape, tokens_buf, base_buf, visible)
+                    self._forward(shape, visible)
             torch.cuda.current_stream(self.device).wait_stream(side)
             self._warmed.add(shape.name)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            argmax, logits = self._forward(shape, tokens_buf, base_buf, visible)
-        return Captured(graph, tokens_buf, base_buf, argmax, logits)
+            argmax, logits = self._forward(shape, visible)
+        return Captured(graph, argmax, logits)
 
     def prefill(self, tokens: list[int], start: int, cancelled: Callable[[], bool] | None = None) -> int:
         """Write K/V for `tokens` at slots start.. (no logits: the decode loop makes the first).
@@ -203,18 +200,17 @@ class Runner:
 
     def move_slots(self, src: list[int], dst: list[int]) -> None:
         """Copy K/V between slots (all layers): accepted lookahead tokens into their final place."""
-        if not src:
+        n = len(src)
+        if not n:
             return
+        if self._moves is None or self._moves.host.numel() < 16 * n:
+            self._moves = Staging(16 * max(n, 32), self.device)
+        self._moves.writable()[: 16 * n].view(np.int64)[:] = [*src, *dst]
+        self._moves.send(16 * n)
+        s, d = self._moves.device[: 16 * n].view(torch.int64).view(2, n)
         kv = self.model.kv
         with torch.no_grad():
-            s, d = self.to_device(torch.tensor([src, dst], dtype=torch.long))
             kv.index_copy_(3, d, kv.index_select(3, s))
-
-    def to_device(self, t: Tensor) -> Tensor:
-        """`t` on the runner's device without waiting for the GPU (a pinned copy queued in stream order)."""
-        if self.device.type != "cuda":
-            return t
-        return t.pin_memory().to(self.device, non_blocking=True)
 
     def save(self, n: int) -> Tensor:
         """A copy of the first n slots' K/V (a parked document session)."""

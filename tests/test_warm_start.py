@@ -210,14 +210,14 @@ def test_directory_weights_are_converted_to_the_asked_dtype(tmp_path, tiny_confi
 class EagerGraph:
     """A CUDA graph's stand-in on the CPU: replay runs the captured step eagerly into the same buffers."""
 
-    def __init__(self, runner: Runner, shape, tokens, base, visible, argmax, logits):
-        self.args = runner, shape, tokens, base, visible
+    def __init__(self, runner: Runner, shape, visible, argmax, logits):
+        self.args = runner, shape, visible
         self.argmax, self.logits = argmax, logits
 
     def replay(self) -> None:
-        runner, shape, tokens, base, visible = self.args
+        runner, shape, visible = self.args
         with torch.no_grad():
-            argmax, logits = runner._forward(shape, tokens, base, visible)
+            argmax, logits = runner._forward(shape, visible)
         self.argmax.copy_(argmax)
         if logits is not None:
             self.logits.copy_(logits)
@@ -226,13 +226,11 @@ class EagerGraph:
 def graphs_on_cpu(runner: Runner, monkeypatch) -> None:
     """Let a CPU runner take its graph path, with each 'capture' recorded in runner.graphs."""
 
-    def capture(shape, tokens, base, visible):
-        tokens_buf, base_buf = tokens.clone(), torch.tensor(base)
+    def capture(shape, visible):
         with torch.no_grad():
-            argmax, logits = runner._forward(shape, tokens_buf, base_buf, visible)
-        graph = EagerGraph(runner, shape, tokens_buf, base_buf, visible, argmax.clone(),
-                           None if logits is None else logits.clone())
-        return Captured(graph, tokens_buf, base_buf, graph.argmax, graph.logits)
+            argmax, logits = runner._forward(shape, visible)
+        graph = EagerGraph(runner, shape, visible, argmax.clone(), None if logits is None else logits.clone())
+        return Captured(graph, graph.argmax, graph.logits)
 
     runner.use_graphs = True
     monkeypatch.setattr(runner, "_capture", capture)

@@ -1,0 +1,78 @@
+"""Step inputs that reach the GPU in one copy: a pinned host buffer and its device twin.
+
+Between two tree steps the host sets the step's tokens, base slot, positions and mask. As
+separate pageable tensors that was four copies and a fill per step, each a driver call (and a
+pageable copy may wait for the stream). Here they are fields of one byte buffer, written in
+place through numpy views, then sent in one queued copy; the captured graphs read the device
+twin by reference. On the CPU the two buffers are one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+class Staging:
+    """A pinned host buffer of `nbytes`, its device twin, and a guard: the host side is not rewritten
+    while its last copy is still queued (two back-to-back steps of one shape would race otherwise)."""
+
+    def __init__(self, nbytes: int, device: torch.device):
+        if device.type == "cuda":
+            self.host = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=True)
+            self.device = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+            self._copied: torch.cuda.Event | None = torch.cuda.Event()
+        else:
+            self.host = self.device = torch.zeros(nbytes, dtype=torch.uint8)
+            self._copied = None
+        self._queued = False
+        self.view = self.host.numpy()  # the host bytes, zero-copy
+
+    def writable(self) -> np.ndarray:
+        """The host bytes, once the last copy out of them has run."""
+        if self._queued:
+            self._copied.synchronize()
+            self._queued = False
+        return self.view
+
+    def send(self, nbytes: int | None = None) -> None:
+        """Queue the copy of the first `nbytes` (all by default) to the device."""
+        if self._copied is None:
+            return
+        n = self.host.numel() if nbytes is None else nbytes
+        self.device[:n].copy_(self.host[:n], non_blocking=True)
+        self._copied.record()
+        self._queued = True
+
+
+class StepInputs:
+    """One step shape's inputs in one `Staging`: int64 tokens [T], base slot [1] and positions relative to
+    the base [T], then the mask over the step's own tokens, bool [T, T]. The layout (positions and mask)
+    is sent only when it changed: a tree's changes every step, a prefill chunk's never."""
+
+    def __init__(self, rel_pos: Tensor, local: Tensor, device: torch.device):
+        T = self.size = int(rel_pos.shape[0])
+        self.ints = 8 * (2 * T + 1)
+        self.staging = Staging(self.ints + T * T, device)
+        on_device = self.staging.device
+        ints = on_device[: self.ints].view(torch.int64)
+        self.tokens, self.base, self.rel_pos = ints[:T], ints[T], ints[T + 1 :]
+        self.local = on_device[self.ints :].view(torch.bool).view(T, T)
+        self.layout_changed = False
+        self.set_layout(rel_pos, local)
+
+    def set_layout(self, rel_pos: Tensor | np.ndarray, local: Tensor | np.ndarray) -> None:
+        host, T = self.staging.writable(), self.size
+        host[: self.ints].view(np.int64)[T + 1 :] = np.asarray(rel_pos)
+        host[self.ints :].view(np.bool_).reshape(T, T)[:] = np.asarray(local)
+        self.layout_changed = True
+
+    def send(self, tokens: list[int] | Tensor, base: int) -> None:
+        """Set the step's tokens and base slot and queue everything that changed to the device."""
+        host, T = self.staging.writable(), self.size
+        ints = host[: self.ints].view(np.int64)
+        ints[:T] = np.asarray(tokens)
+        ints[T] = base
+        self.staging.send(None if self.layout_changed else 8 * (T + 1))
+        self.layout_changed = False
