@@ -157,11 +157,13 @@ def cmd_engine(args: argparse.Namespace) -> int:
 
     import asyncio
 
+    from .collector import freeze_startup
     from .server import ServeOptions, serve
 
     def build():
         engine = flags.engine_from_args(args)
         engine.warmup()
+        freeze_startup()  # the daemon's start-up objects live as long as it does
         return engine
 
     options = ServeOptions(socket=path, tcp=args.tcp, openai=args.openai, token_file=args.token_file,

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+from .collector import collections_held
 from .decoding import DecodeState, decode_ar, heal
 from .errors import AheadError, BadRequest, Cancelled, DoesNotFit, EngineBusy, OutOfMemory
 from .loading import Log, build_model, load_checkpoint, release_weights, resolve_device, resolve_dtype, stderr_log
@@ -178,7 +179,8 @@ class Engine:
         if not self._owner.acquire(blocking=False):
             raise EngineBusy("the engine is running another thread's request; drive it from one thread (EngineWorker)")
         try:
-            return self._complete(request, switches, on_text, cancel.is_set if cancel is not None else None)
+            with collections_held():
+                return self._complete(request, switches, on_text, cancel.is_set if cancel is not None else None)
         except torch.OutOfMemoryError:
             dropped = self.sessions.trim()
             if self.device.type == "cuda":
@@ -313,6 +315,8 @@ class CompletionText:
         return out[len(self.healed) :].decode("utf-8", errors="ignore")
 
     def on_commit(self, tokens: list[int]) -> str | None:
+        if self.stopper is None and self.on_text is None:
+            return None  # nobody reads the text before the end: don't decode it after every step
         text = self.text(tokens)
         if self.stopper is not None:
             self.cut = self.stopper.check(text)

@@ -8,6 +8,7 @@ from two threads got 31 of 40 wrong, with no error). The engine refuses a second
 
 from __future__ import annotations
 
+import gc
 import threading
 from collections.abc import Callable, Iterator
 
@@ -223,3 +224,24 @@ def test_close_finishes_queued_work(engine: Engine) -> None:
     release.set()
     worker.close(WAIT)
     assert [job.result(0).tokens for job in jobs] == [c.tokens for c in expected]
+
+
+def test_completion_holds_the_garbage_collector(engine: Engine, monkeypatch) -> None:
+    """No cyclic collection runs during a completion's steps (a full pass inside a step cost tens of ms), and
+    the collector is back on after it, an error too: catches a hold that is dropped, or one that outlives the
+    request."""
+    collecting: list[bool] = []
+
+    def during(step: int) -> None:
+        collecting.append(gc.isenabled())
+        if step == 40:
+            raise RuntimeError("a step failed")
+
+    count_steps(engine, monkeypatch, during)
+    assert gc.isenabled()
+    engine.complete(request(1, "gc", decoding="tree"))
+    assert len(collecting) < 40 and not any(collecting) and gc.isenabled()
+    with pytest.raises(RuntimeError):
+        for i in range(40):
+            engine.complete(request(i, f"gc{i}", decoding="tree"))
+    assert not any(collecting) and gc.isenabled()
