@@ -73,20 +73,23 @@ class TokenTrie:
         memo: dict[tuple[str, str, int], float] = {}  # few distinct (source, key, depth) per step
         for node in nodes[1:]:  # parents are created before their children
             miss = 1.0
+            depth = node.depth
             for source, key in node.keys.items():
-                belief = memo.get((source, key, node.depth))
+                belief = memo.get((source, key, depth))
                 if belief is None:
-                    belief = memo[source, key, node.depth] = prob(source, key, node.depth)
+                    belief = memo[source, key, depth] = prob(source, key, depth)
                 miss *= 1.0 - belief
             node.prob = 1.0 - miss
             node.score = nodes[node.parent].score * node.prob
 
     def select(self, budget: int) -> list[int]:
-        """The `budget` nodes most likely to be accepted, parents before children. Scores never grow
-        along a path, so the chosen set always holds each chosen node's parent."""
-        ranked = sorted(range(1, len(self.nodes)), key=lambda i: (-self.nodes[i].score, self.nodes[i].depth, i))
-        chosen = ranked[:budget]
-        return sorted(chosen, key=lambda i: (self.nodes[i].depth, i))
+        """The `budget` nodes most likely to be accepted, in creation order (parents before children).
+        Scores never grow along a path and the sort is stable, so a parent always ranks above its child
+        (on a tie too, being older): the chosen set holds each chosen node's parent."""
+        unlikely = [-node.score for node in self.nodes]
+        chosen = sorted(range(1, len(unlikely)), key=unlikely.__getitem__)[:budget]
+        chosen.sort()
+        return chosen
 
     def path(self, node: int) -> list[int]:
         """Node indices from the root's child down to `node`."""
@@ -110,8 +113,8 @@ class TreeStep:
     """One step's rows: tokens, positions and mask, and where each chosen trie node sits."""
 
     tokens: list[int]
-    rel_pos: torch.Tensor
-    local: torch.Tensor
+    rel_pos: np.ndarray  # [T] int64
+    local: np.ndarray  # [T, T] bool
     row_of: dict[int, int]  # trie node -> row
     used: int  # rows holding real tokens (the rest is padding)
     parent_row: dict[int, int] = field(default_factory=dict)  # tree row -> the row of its parent (0: the root)
@@ -124,6 +127,13 @@ class TreeStep:
         return out
 
 
+def rows_from_bits(masks: list[int], size: int) -> np.ndarray:
+    """[len(masks), size] bool: row r is True where bit j of masks[r] is set."""
+    width = -(-size // 8)
+    packed = np.frombuffer(b"".join(m.to_bytes(width, "little") for m in masks), np.uint8).reshape(len(masks), width)
+    return np.unpackbits(packed, axis=1, count=size, bitorder="little").view(bool)
+
+
 def build_step(size: int, trie: TokenTrie, chosen: list[int], window: StepShape | None = None,
                window_tokens: list[int] = ()) -> TreeStep:
     """Lay out the root, the Jacobi window (its rows and mask as `window` has them) and the chosen nodes."""
@@ -133,7 +143,7 @@ def build_step(size: int, trie: TokenTrie, chosen: list[int], window: StepShape 
     if first + len(chosen) > size:
         raise ValueError(f"{len(chosen)} tree nodes and {first} other rows exceed the {size}-row budget")
     rel = [0] + [1] * (size - 1)
-    local = np.eye(size, dtype=bool)
+    seen = [1 << row for row in range(size)]  # row r sees the slots of the rows whose bits are set
     row_of: dict[int, int] = {0: 0}
     parent_row: dict[int, int] = {}
     tokens = [root, *window_tokens]
@@ -143,17 +153,16 @@ def build_step(size: int, trie: TokenTrie, chosen: list[int], window: StepShape 
         above = parent_row[row] = row_of[node.parent]
         tokens.append(node.token)
         rel[row] = node.depth
-        local[row] = local[above]  # what the parent sees (the root and its ancestors), and itself
-        local[row, row] = True
+        seen[row] |= seen[above]  # what the parent sees (the root and its ancestors), and itself
     del row_of[0]
-    rel_pos = torch.tensor(rel)
-    mask = torch.from_numpy(local)
+    rel_pos = np.array(rel, dtype=np.int64)
+    local = rows_from_bits(seen, size)
     if window is not None and window_tokens:
-        rel_pos[:first] = window.rel_pos
-        mask[:first, :first] = window.local
+        rel_pos[:first] = window.rel_pos.numpy()
+        local[:first, :first] = window.local.numpy()
     used = len(tokens)
     tokens.extend([root] * (size - used))
-    return TreeStep(tokens, rel_pos, mask, row_of, used, parent_row)
+    return TreeStep(tokens, rel_pos, local, row_of, used, parent_row)
 
 
 def load(runner: Runner, shape: StepShape, step: TreeStep) -> None:

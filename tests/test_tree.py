@@ -117,15 +117,15 @@ def test_build_step_layout() -> None:
     step = build_step(16, trie, chosen, window.layout(), window.tokens())
     first = 1 + window.rows
     assert step.used == first + 5 and step.tokens[step.used :] == [3] * (16 - step.used)
-    assert torch.equal(step.local[:first, :first], window.layout().local)
-    assert torch.equal(step.rel_pos[:first], window.layout().rel_pos)
+    assert (step.local[:first, :first] == window.layout().local.numpy()).all()
+    assert (step.rel_pos[:first] == window.layout().rel_pos.numpy()).all()
     for i, row in step.row_of.items():
         node = trie.nodes[i]
         assert step.tokens[row] == node.token and int(step.rel_pos[row]) == node.depth
-        seen = set(torch.nonzero(step.local[row]).flatten().tolist())
+        seen = set(step.local[row].nonzero()[0].tolist())
         assert seen == {0, row} | {step.row_of[a] for a in trie.path(i)[:-1]}
     for row in range(step.used, 16):
-        assert set(torch.nonzero(step.local[row]).flatten().tolist()) == {row}
+        assert set(step.local[row].nonzero()[0].tolist()) == {row}
     with pytest.raises(ValueError):
         build_step(8, trie, chosen, window.layout(), window.tokens())  # root + 4 window rows + 5 nodes > 8
 

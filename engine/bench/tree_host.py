@@ -24,7 +24,7 @@ import torch
 from .. import flags, tree_decoding
 from ..decoding import DecodeState
 from ..request import CompletionRequest
-from ..runner import DECODE, sync
+from ..runner import DECODE, Runner, sync
 from ..sources.history import HistoryLookup
 from ..sources.prompt_lookup import PromptLookup
 from ..sources.recycling import Recycling
@@ -41,6 +41,7 @@ PARTS = [  # (owner, attribute, label): what the tree loop calls, timed where it
     (Recycling, "remember", "recycling table"), (PromptLookup, "propose", "prompt lookup"),
     (PromptLookup, "observe", "prompt lookup observe"), (HistoryLookup, "propose", "history"),
     (HistoryLookup, "observe", "history observe"), (DecodeState, "commit", "commit + stop rules"),
+    (Runner, "move_slots", "slot moves"), (Runner, "step", "step inputs + launch (+ the step itself on a CPU)"),
 ]
 
 

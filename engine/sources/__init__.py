@@ -8,6 +8,7 @@ Recycling knows each token's probability instead (`prob_bucket`) and grafts a wh
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -41,12 +42,10 @@ def match_bucket(length: int) -> str:
     return "m9+"
 
 
-PROB_BUCKETS = tuple((bound, f"p{bound}") for bound in (0.9, 0.6, 0.3, 0.1, 0.03, 0.0))
+PROB_BOUNDS = (0.0, 0.03, 0.1, 0.3, 0.6, 0.9)  # ascending: bisect finds a probability's bucket
+PROB_KEYS = tuple(f"p{bound}" for bound in PROB_BOUNDS)
 
 
 def prob_bucket(p: float) -> str:
-    """Calibration bucket of a token its source gave probability p."""
-    for bound, key in PROB_BUCKETS:
-        if p >= bound:
-            return key
-    return PROB_BUCKETS[-1][1]
+    """Calibration bucket of a token its source gave probability p: the highest bound it reaches."""
+    return PROB_KEYS[max(bisect_right(PROB_BOUNDS, p) - 1, 0)]

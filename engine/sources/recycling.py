@@ -52,11 +52,12 @@ class Recycling:
                  previous: list[int | None] | None = None) -> None:
         """`learn` with the top-k already read back: ids[i] and probs[i] follow tokens[i]."""
         pairs, table = self.pairs, self.table
-        for i, token in enumerate(tokens):
-            entry = (tuple(ids[i]), tuple(probs[i]))
-            table[token] = entry
-            if previous is not None and previous[i] is not None:
-                pairs[previous[i], token] = entry
+        for token, row_ids, row_probs, before in zip(tokens, ids, probs, previous or [None] * len(tokens), strict=True):
+            # Tuples, not the rows' lists: the garbage collector stops tracking a tuple of numbers, and it
+            # would otherwise walk every entry of these large tables.
+            entry = table[token] = (tuple(row_ids), tuple(row_probs))
+            if before is not None:
+                pairs[before, token] = entry
         if len(pairs) > self.max_pairs:  # a daemon runs for days: keep the newest entries
             for key in list(pairs)[: len(pairs) // 4]:
                 del pairs[key]
@@ -73,28 +74,29 @@ class Recycling:
         tokens: list[int] = []
         parents: list[int] = []
         probs: list[float] = []
-        first = self.successors(seq[-2] if len(seq) > 1 else None, seq[-1])
+        root = seq[-1]
+        first = self.successors(seq[-2] if len(seq) > 1 else None, root)
         if first is None or limit < 1:
             return tokens, parents, probs
-        depths: list[int] = []
-        # (-probability of the path, tie order, parent node, the parent path's probability, successors, j)
-        heap = [(-first[1][0], 0, -1, 1.0, first, 0)]
+        pairs, table = self.pairs, self.table
+        push, pop = heapq.heappush, heapq.heappop
+        # (-probability of the path, tie order, parent node, the parent path's probability, successors, j, depth)
+        heap = [(-first[1][0], 0, -1, 1.0, first, 0, 1)]
         order = 0
         while heap and len(tokens) < limit:
-            neg, _, parent, p_parent, succ, j = heapq.heappop(heap)
+            neg, _, parent, p_parent, succ, j, node_depth = pop(heap)
             node = len(tokens)
-            token = succ[0][j]
+            ids, ps = succ
+            token = ids[j]
             tokens.append(token)
             parents.append(parent)
-            probs.append(succ[1][j])
-            node_depth = depths[parent] + 1 if parent >= 0 else 1
-            depths.append(node_depth)
-            if j + 1 < len(succ[0]):
+            probs.append(ps[j])
+            if j + 1 < len(ids):
                 order += 1
-                heapq.heappush(heap, (-p_parent * succ[1][j + 1], order, parent, p_parent, succ, j + 1))
+                push(heap, (-p_parent * ps[j + 1], order, parent, p_parent, succ, j + 1, node_depth))
             if node_depth < depth:
-                below = self.successors(tokens[parent] if parent >= 0 else seq[-1], token)
+                below = pairs.get((tokens[parent] if parent >= 0 else root, token)) or table.get(token)
                 if below is not None:
                     order += 1
-                    heapq.heappush(heap, (neg * below[1][0], order, node, -neg, below, 0))
+                    push(heap, (neg * below[1][0], order, node, -neg, below, 0, node_depth + 1))
         return tokens, parents, probs
