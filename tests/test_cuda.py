@@ -210,3 +210,50 @@ def test_after_warm_up_decoding_captures_no_graph():
     a = a.clone()
     _, b = eager.step(DECODE, [ids[299]], 299)
     assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_gemv_matches_linear_and_replays_in_a_graph():
+    """The one-token GEMV computes F.linear (in fp64, the reference) for the 1.5B decode projections (bf16
+    in, fp32 accumulation), and a captured launch reads the x of each replay. Catches a dropped bias, rows or a
+    K tail the masks lose (N=1001, K=1000 fit no block), a split-K partial lost or summed twice,
+    nondeterminism, and a launch that graphs can't hold."""
+    from engine import kernels
+
+    torch.manual_seed(3)
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+
+    split = kernels.GemvConfig(4, 512, 4, split_k=4)  # the split-K path, whatever the heuristic picks
+
+    def check(x, w, b, got):
+        want = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+        # fp32 accumulation is near exact; rounding to bf16 costs up to half an ulp (2^-8 of a value): allow an ulp
+        assert (got.double() - want).abs().max().item() < 2**-7 * want.abs().max().item()
+
+    # (N, K, bias): qkv, o, gate_up, down, LM head, and a shape no block size divides
+    for n, k, has_bias in [(2048, 1536, True), (1536, 1536, False), (17920, 1536, False), (1536, 8960, False),
+                           (151936, 1536, False), (1001, 1000, True)]:
+        x = torch.randn(1, k, **bf16)
+        w = torch.randn(n, k, **bf16) / k**0.5
+        b = torch.randn(n, **bf16) if has_bias else None
+        got = kernels.gemv(x, w, b)
+        assert got.shape == (1, n) and got.dtype == torch.bfloat16
+        check(x, w, b, got)
+        assert torch.equal(got, kernels.gemv(x, w, b))
+        check(x, w, b, kernels.gemv(x, w, b, config=split))
+        del w
+
+    x = torch.randn(1, 1536, **bf16)
+    w = torch.randn(2048, 1536, **bf16) / 1536**0.5
+    b = torch.randn(2048, **bf16)
+    kernels.gemv(x, w, b)  # compile outside the capture
+    kernels.gemv(x, w, b, config=split)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = kernels.gemv(x, w, b)
+        y_split = kernels.gemv(x, w, b, config=split)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        check(x, w, b, y)
+        check(x, w, b, y_split)
+        assert torch.equal(y, kernels.gemv(x, w, b))
