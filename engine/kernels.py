@@ -7,15 +7,12 @@ lays q out for grouped-query attention; a split-K flash kernel does masked atten
 writes heads straight into the [T, H*D] layout the output projection reads; SiLU-gate is one
 kernel, and so is each residual add with the RMSNorm after it. The CPU path (and the parity
 tests) keep the plain torch code in model.py. Outside the model: the top-k successors and their
-probabilities of each row of a step's logits (Token Recycling), in two launches. `gemv`: the one-token
-step's x @ W.T + b as one weight-streaming kernel (cuBLAS reaches ~50% of HBM bandwidth on these small shapes).
+probabilities of each row of a step's logits (Token Recycling), in two launches.
 """
 
 from __future__ import annotations
 
-import functools
 import os
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -27,7 +24,6 @@ except ImportError:  # pragma: no cover - CPU-only installs
     triton = None
 
 ENABLED = triton is not None and os.environ.get("AHEAD_NO_TRITON", "") != "1"
-GEMV = ENABLED and os.environ.get("AHEAD_GEMV", "0") == "1"  # one-token projections through `gemv`
 
 
 def usable(x: Tensor) -> bool:
@@ -278,129 +274,3 @@ def top_k_probs(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
     _top_k_merge_kernel[(R,)](vals, ids, maxes, sums, out_ids, out_probs, chunks,
                               K=k, CB=triton.next_power_of_2(chunks), CKB=triton.next_power_of_2(chunks * k))
     return out_ids, out_probs
-
-
-# --- GEMV for the one-token decode step -----------------------------------------------------------------------
-
-_GEMV_SMS = 132  # H100 / H200 SXM; the launch config is a pure function of the shape, so graphs capture it
-
-
-class GemvConfig(NamedTuple):
-    """Launch config of `gemv`: each program reduces block_n rows over block_k-wide chunks of K.
-
-    split_k > 1 (a power of two) gives each program 1/split_k of K; a second launch then sums the
-    fp32 partials in a fixed order (no atomics, so results are deterministic). num_stages None is Triton's default.
-    """
-
-    block_n: int
-    block_k: int
-    num_warps: int
-    split_k: int = 1
-    num_stages: int | None = None
-
-
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
-@functools.lru_cache(maxsize=256)
-def gemv_config(n: int, k: int, elem_size: int) -> GemvConfig:
-    """A fixed heuristic, not an autotuner: graphs need one launch config per shape, chosen without timing.
-
-    A decode GEMV is latency-bound on a few MiB: by Little's law (~3.3 TB/s x ~1 us) the GPU must hold ~3 MB
-    of loads in flight to reach HBM bandwidth. So each program loads a 16 KiB tile per step (32 values per
-    thread), whole rows at once where K allows; rows per program shrink until there are >= 2 programs per
-    SM; only when rows are still too few is K split.
-    """
-    tile = 16384 // elem_size
-    block_k = min(_pow2_at_least(k), tile // 4)
-    block_n = max(1, tile // block_k)
-    while block_n > 1 and -(-n // block_n) < 2 * _GEMV_SMS:
-        block_n //= 2
-    split = 1
-    steps = -(-k // block_k)
-    while -(-n // block_n) * split < _GEMV_SMS and steps >= 4 * split and split < 8:
-        split *= 2
-    return GemvConfig(block_n, block_k, max(1, min(8, block_n * block_k // 1024)), split)
-
-
-if triton is not None:
-
-    @triton.jit
-    def _gemv_kernel(x, w, bias, out, N, K, stride_w, k_chunk,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
-        # Rows [pid_n*BLOCK_N, +BLOCK_N) over K range [pid_k*k_chunk, +k_chunk) ∩ [0, K): products accumulate
-        # elementwise in fp32 and are reduced across K once, after the loop.
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < N
-        cols = tl.arange(0, BLOCK_K)
-        w_rows = w + rows[:, None].to(tl.int64) * stride_w
-        lo = pid_k * k_chunk
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, k_chunk, BLOCK_K):  # k_chunk: whole blocks; EVEN_K: no chunk runs past K
-            ks = lo + k0 + cols
-            if EVEN_K:
-                xk = tl.load(x + ks).to(tl.float32)
-                wk = tl.load(w_rows + ks[None, :], mask=row_ok[:, None], other=0.0)
-            else:
-                k_ok = ks < K
-                xk = tl.load(x + ks, mask=k_ok, other=0.0).to(tl.float32)
-                wk = tl.load(w_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            acc += wk.to(tl.float32) * xk[None, :]
-        y = tl.sum(acc, axis=1)
-        if SPLIT == 1:
-            if HAS_BIAS:
-                y += tl.load(bias + rows, mask=row_ok, other=0.0).to(tl.float32)
-            tl.store(out + rows, y.to(out.dtype.element_ty), mask=row_ok)
-        else:
-            tl.store(out + pid_k * N + rows, y, mask=row_ok)
-
-    @triton.jit
-    def _gemv_split_sum_kernel(part, bias, out, N, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-                               BLOCK: tl.constexpr):
-        # Split-K's second launch: each output is its SPLIT fp32 partials summed in one fixed order.
-        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        ok = rows < N
-        p = tl.load(part + tl.arange(0, SPLIT)[:, None] * N + rows[None, :], mask=ok[None, :], other=0.0)
-        y = tl.sum(p, axis=0)
-        if HAS_BIAS:
-            y += tl.load(bias + rows, mask=ok, other=0.0).to(tl.float32)
-        tl.store(out + rows, y.to(out.dtype.element_ty), mask=ok)
-
-
-def gemv(x: Tensor, weight: Tensor, bias: Tensor | None = None, config: GemvConfig | None = None) -> Tensor:
-    """x @ weight.T + bias for one row x [1, K] and an nn.Linear weight [N, K]; [1, N] in x's dtype.
-
-    cuBLAS reaches ~50% of HBM bandwidth on a decode step's projections; this streams the weight once with
-    fp32 accumulation. `config` overrides the heuristic (gemv_config), for tuning.
-    """
-    n, k = weight.shape
-    assert x.numel() == k and x.shape[-1] == k, (x.shape, weight.shape)
-    assert weight.stride(1) == 1, "weight rows must be contiguous along K"
-    x = x.contiguous()
-    cfg = config or gemv_config(n, k, weight.element_size())
-    split = cfg.split_k
-    assert split & (split - 1) == 0, "split_k must be a power of two"
-    k_chunk = triton.cdiv(triton.cdiv(k, split), cfg.block_k) * cfg.block_k  # whole blocks per split
-    even_k = k_chunk * split == k  # every split's chunk lies inside K: no masks along K
-    out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
-    has_bias = bias is not None
-    b = bias if has_bias else weight  # any pointer: never read
-    stages = {} if cfg.num_stages is None else {"num_stages": cfg.num_stages}
-    grid = (triton.cdiv(n, cfg.block_n), split)
-    if split == 1:
-        _gemv_kernel[grid](x, weight, b, out, n, k, weight.stride(0), k_chunk, BLOCK_N=cfg.block_n,
-                           BLOCK_K=cfg.block_k, EVEN_K=even_k, HAS_BIAS=has_bias, SPLIT=1,
-                           num_warps=cfg.num_warps, **stages)
-        return out
-    part = torch.empty(split, n, dtype=torch.float32, device=x.device)
-    _gemv_kernel[grid](x, weight, b, part, n, k, weight.stride(0), k_chunk, BLOCK_N=cfg.block_n,
-                       BLOCK_K=cfg.block_k, EVEN_K=even_k, HAS_BIAS=False, SPLIT=split,
-                       num_warps=cfg.num_warps, **stages)
-    block = 1024
-    _gemv_split_sum_kernel[(triton.cdiv(n, block),)](part, b, out, n, HAS_BIAS=has_bias, SPLIT=split, BLOCK=block,
-                                                     num_warps=4)
-    return out

@@ -110,14 +110,6 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
-def project(layer: nn.Linear, x: Tensor) -> Tensor:
-    """layer(x); a one-token step's on CUDA through `kernels.gemv`, which streams the weight at a higher
-    share of HBM bandwidth than cuBLAS on these small shapes (AHEAD_GEMV=1 turns it on)."""
-    if x.shape[0] == 1 and kernels.GEMV and x.is_cuda:
-        return kernels.gemv(x, layer.weight, layer.bias)
-    return layer(x)
-
-
 def rope_tables(head_dim: int, max_positions: int, theta: float) -> tuple[Tensor, Tensor]:
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
@@ -202,14 +194,14 @@ class Attention(nn.Module):
                 decoding: bool = False) -> Tensor:
         # x: [T, dim]; kv: this layer's cache [2, H_kv, S, D]; bias: [T, L] additive mask over slots [0, L).
         fused = kernels.usable(x)
-        q = (kernels.rope_and_cache if fused else rope_and_cache)(project(self.wqkv, x), *rope, slots, kv, self.n_heads)
+        q = (kernels.rope_and_cache if fused else rope_and_cache)(self.wqkv(x), *rope, slots, kv, self.n_heads)
         if x.shape[0] >= BLOCK_ATTENTION_MIN_TOKENS and not (fused and decoding):
             out = block_attention(q, kv, bias, self.n_heads)
         elif fused:
             out = kernels.attention(q, kv, bias, self.n_heads)
         else:
             out = folded_attention(q, kv, bias, self.n_heads)
-        return self.shard.all_reduce(project(self.wo, out))
+        return self.shard.all_reduce(self.wo(out))
 
 
 class FeedForward(nn.Module):
@@ -221,9 +213,9 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(self.intermediate_size, args.dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate_up = project(self.w13, x)
+        gate_up = self.w13(x)
         if kernels.usable(x):
-            return self.shard.all_reduce(project(self.w2, kernels.silu_mul(gate_up)))
+            return self.shard.all_reduce(self.w2(kernels.silu_mul(gate_up)))
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.shard.all_reduce(self.w2(F.silu(gate) * up))
 
@@ -293,7 +285,7 @@ class Transformer(nn.Module):
             for i, layer in enumerate(self.layers):
                 after = self.layers[i + 1].attention_norm if i + 1 < len(self.layers) else self.norm
                 h = layer.fused(x, h, after, rope, slots, bias, self.kv[i], decoding=logits)
-            return project(self.output, h) if logits else x
+            return self.output(h) if logits else x
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, slots, bias, self.kv[i])
         if not logits:
