@@ -257,6 +257,7 @@ class Engine:
             self.sessions.completed(session, ids, state.new, switches.persistent_pool)
         else:
             decode_ar(self.runner, state)
+        self.runner.flush_moves()  # the last step's accepted K/V in place: the cache is whole between requests
         session.written(state.seq[:-1])
         text, reason = watch.final(state.new, state.stop_reason or "length")
         if reason == "cancelled":

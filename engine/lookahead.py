@@ -68,7 +68,7 @@ def step_shape(cfg: LookaheadConfig) -> StepShape:
             r = 1 + W * L + g * L + k
             rel[r] = 1 + k
             local[r, 1 + W * L + g * L : r + 1] = True
-    return StepShape(f"lookahead{cfg.window}x{cfg.ngram}x{cfg.verify}", rel, local, logits=True)
+    return StepShape(f"lookahead{cfg.window}x{cfg.ngram}x{cfg.verify}", rel, local, logits=True, moves=True)
 
 
 class NGramPool:

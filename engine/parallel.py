@@ -251,16 +251,16 @@ class LeaderRunner(Runner):
         self.tp.send(data)
 
     def _queue(self, message: dict) -> None:
-        """A message the followers need only once the next step runs: a tree step's layout goes out with
-        that step, not as a write of its own."""
+        """A message the followers need only once the next step runs: a tree step's layout and slot moves go
+        out with that step, not as writes of their own."""
         self._queued.append(msgpack.packb(message))
 
-    def _send_layout(self, name: str, rel_pos: Tensor | np.ndarray, local: Tensor | np.ndarray, logits: bool) -> None:
-        self._queue({"op": "layout", "name": name, "rel_pos": np.asarray(rel_pos).tolist(),
-                    "local": np.asarray(local, dtype=bool).tobytes(), "logits": logits})
+    def _send_layout(self, shape: StepShape, rel_pos: Tensor | np.ndarray, local: Tensor | np.ndarray) -> None:
+        self._queue({"op": "layout", "name": shape.name, "rel_pos": np.asarray(rel_pos).tolist(),
+                    "local": np.asarray(local, dtype=bool).tobytes(), "logits": shape.logits, "moves": shape.moves})
 
     def set_layout(self, shape: StepShape, rel_pos: Tensor | np.ndarray, local: Tensor | np.ndarray) -> None:
-        self._send_layout(shape.name, rel_pos, local, shape.logits)
+        self._send_layout(shape, rel_pos, local)
         self._shapes_sent.add(shape.name)
         super().set_layout(shape, rel_pos, local)
 
@@ -268,15 +268,15 @@ class LeaderRunner(Runner):
         if base + shape.size > self.capacity:
             return super().step(shape, tokens, base, graph)  # raises before the model runs: nothing to mirror
         if shape.name not in self._shapes_sent:
-            self._send_layout(shape.name, shape.rel_pos, shape.local, shape.logits)
+            self._send_layout(shape, shape.rel_pos, shape.local)
             self._shapes_sent.add(shape.name)
         ids = tokens.tolist() if isinstance(tokens, Tensor) else list(tokens)
         self._send({"op": "step", "shape": shape.name, "tokens": ids, "base": base, "graph": graph})
         return super().step(shape, tokens, base, graph)
 
     def move_slots(self, src: list[int], dst: list[int]) -> None:
-        if src:
-            self._send({"op": "move", "src": list(src), "dst": list(dst)})
+        if src:  # made by the next step or save on each rank alike: the message rides with that one
+            self._queue({"op": "move", "src": list(src), "dst": list(dst)})
         super().move_slots(src, dst)
 
     def save(self, n: int) -> Tensor:
@@ -357,7 +357,7 @@ class Follower:
             rel_pos = torch.tensor(message["rel_pos"])
             local = torch.frombuffer(bytearray(message["local"]), dtype=torch.bool).view(T, T)
             if name not in self.shapes:
-                self.shapes[name] = StepShape(name, rel_pos, local, message["logits"])
+                self.shapes[name] = StepShape(name, rel_pos, local, message["logits"], message["moves"])
             else:  # new positions and mask for the same shape
                 runner.set_layout(self.shapes[name], rel_pos, local)
         elif op == "move":

@@ -34,6 +34,7 @@ class StepShape:
     rel_pos: Tensor  # [T] long: position of each query token relative to the base slot
     local: Tensor  # [T, T] bool: which of the step's own tokens each query token may see
     logits: bool = True  # prefill only needs the K/V it writes
+    moves: bool = False  # the step first makes the slot moves queued since the last one (lookahead, trees)
 
     @property
     def size(self) -> int:
@@ -49,6 +50,9 @@ def causal_shape(size: int, name: str | None = None, logits: bool = False) -> St
 
 
 DECODE = causal_shape(1, "decode", logits=True)
+
+
+MAX_MOVES = 16  # slot moves a step carries; more (a deeper accepted path) are made on their own first
 
 
 @dataclass
@@ -72,7 +76,8 @@ class Runner:
     graphs: dict[tuple[str, int], Captured] = field(default_factory=dict)
     _pool: object = None
     _inputs: dict[str, StepInputs] = field(default_factory=dict)  # per shape; its graphs read them by reference
-    _moves: Staging | None = None  # slot-move indices, grown as needed
+    _moves: Staging | None = None  # slot-move indices for moves made on their own, grown as needed
+    _pending: list[tuple[int, int]] = field(default_factory=list)  # (source, destination) slot moves not made yet
     _warmed: set[str] = field(default_factory=set)  # shapes whose eager pre-capture runs are done
 
     def __post_init__(self) -> None:
@@ -89,7 +94,8 @@ class Runner:
         """`shape`'s input buffers, made on its first step with the shape's own layout."""
         inputs = self._inputs.get(shape.name)
         if inputs is None:
-            inputs = self._inputs[shape.name] = StepInputs(shape.rel_pos, shape.local, self.device)
+            inputs = self._inputs[shape.name] = StepInputs(shape.rel_pos, shape.local, self.device,
+                                                           MAX_MOVES if shape.moves else 0)
         return inputs
 
     def set_layout(self, shape: StepShape, rel_pos: Tensor | np.ndarray, local: Tensor | np.ndarray) -> None:
@@ -108,6 +114,9 @@ class Runner:
         offset = s - base  # [L]: where each visible slot falls inside this step's block
         in_block = (offset >= 0) & (offset < T)
         mask = (s < base) | (local[:, offset.clamp(0, T - 1)] & in_block)
+        if shape.moves:  # gather, then scatter: a slot both read and written keeps its old value for the read
+            kv = self.model.kv
+            kv.index_copy_(3, inputs.moves[1], kv.index_select(3, inputs.moves[0]))
         out = self.model(inputs.tokens, positions, slots, mask, logits=shape.logits)
         if not shape.logits:
             return out[:0, 0].long(), None
@@ -128,12 +137,18 @@ class Runner:
         if len(tokens) != T:
             raise ValueError(f"a {shape.name} step takes {T} tokens (got {len(tokens)})")
         visible = self.visible_len(base + T)
-        self.inputs(shape).send(tokens, base)
-        if not (self.use_graphs and graph):
+        graphed = self.use_graphs and graph
+        key = (shape.name, visible)
+        cap = self.graphs.get(key) if graphed else None
+        # The queued moves ride with the step, unless a capture's eager warm-up runs would make them twice.
+        carried = shape.moves and len(self._pending) <= MAX_MOVES and (cap is not None or not graphed)
+        if not carried:
+            self.flush_moves()
+        self.inputs(shape).send(tokens, base, self._pending)
+        self._pending.clear()
+        if not graphed:
             with torch.no_grad():
                 return self._forward(shape, visible)
-        key = (shape.name, visible)
-        cap = self.graphs.get(key)
         if cap is None:
             cap = self.graphs[key] = self._capture(shape, visible)
         cap.graph.replay()
@@ -199,10 +214,18 @@ class Runner:
         return kv[:, :, :, :1].numel() * kv.element_size()
 
     def move_slots(self, src: list[int], dst: list[int]) -> None:
-        """Copy K/V between slots (all layers): accepted lookahead tokens into their final place."""
-        n = len(src)
+        """Copy K/V between slots (all layers): accepted lookahead tokens into their final place. The copy is
+        made by the next lookahead or tree step, inside its graph (on an H100 two launches of their own took
+        ~130 us of host time per step), or before anything else that reads the cache."""
+        self._pending.extend(zip(src, dst, strict=True))
+
+    def flush_moves(self) -> None:
+        """Make the queued slot moves now."""
+        n = len(self._pending)
         if not n:
             return
+        src, dst = zip(*self._pending, strict=True)
+        self._pending.clear()
         if self._moves is None or self._moves.host.numel() < 16 * n:
             self._moves = Staging(16 * max(n, 32), self.device)
         self._moves.writable()[: 16 * n].view(np.int64)[:] = [*src, *dst]
@@ -214,8 +237,10 @@ class Runner:
 
     def save(self, n: int) -> Tensor:
         """A copy of the first n slots' K/V (a parked document session)."""
+        self.flush_moves()
         return self.model.kv[:, :, :, :n].clone()
 
     def restore(self, saved: Tensor) -> None:
+        self.flush_moves()
         self.model.kv[:, :, :, : saved.shape[3]].copy_(saved)
 

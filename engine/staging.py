@@ -47,32 +47,45 @@ class Staging:
 
 
 class StepInputs:
-    """One step shape's inputs in one `Staging`: int64 tokens [T], base slot [1] and positions relative to
-    the base [T], then the mask over the step's own tokens, bool [T, T]. The layout (positions and mask)
-    is sent only when it changed: a tree's changes every step, a prefill chunk's never."""
+    """One step shape's inputs in one `Staging`: int64 tokens [T], base slot [1], `moves` slot moves (sources
+    then destinations, [2, M]) and positions relative to the base [T], then the mask over the step's own
+    tokens, bool [T, T]. The layout (positions and mask) is sent only when it changed: a tree's changes every
+    step, a prefill chunk's never."""
 
-    def __init__(self, rel_pos: Tensor, local: Tensor, device: torch.device):
+    def __init__(self, rel_pos: Tensor, local: Tensor, device: torch.device, moves: int = 0):
         T = self.size = int(rel_pos.shape[0])
-        self.ints = 8 * (2 * T + 1)
+        self.max_moves = moves
+        self.per_step = 8 * (T + 1 + 2 * moves)  # bytes sent with every step
+        self.ints = self.per_step + 8 * T
         self.staging = Staging(self.ints + T * T, device)
         on_device = self.staging.device
         ints = on_device[: self.ints].view(torch.int64)
-        self.tokens, self.base, self.rel_pos = ints[:T], ints[T], ints[T + 1 :]
+        self.tokens, self.base = ints[:T], ints[T]
+        self.moves = ints[T + 1 : T + 1 + 2 * moves].view(2, moves)
+        self.rel_pos = ints[T + 1 + 2 * moves :]
         self.local = on_device[self.ints :].view(torch.bool).view(T, T)
         self.layout_changed = False
         self.set_layout(rel_pos, local)
 
     def set_layout(self, rel_pos: Tensor | np.ndarray, local: Tensor | np.ndarray) -> None:
         host, T = self.staging.writable(), self.size
-        host[: self.ints].view(np.int64)[T + 1 :] = np.asarray(rel_pos)
+        host[self.per_step : self.ints].view(np.int64)[:] = np.asarray(rel_pos)
         host[self.ints :].view(np.bool_).reshape(T, T)[:] = np.asarray(local)
         self.layout_changed = True
 
-    def send(self, tokens: list[int] | Tensor, base: int) -> None:
-        """Set the step's tokens and base slot and queue everything that changed to the device."""
-        host, T = self.staging.writable(), self.size
-        ints = host[: self.ints].view(np.int64)
+    def send(self, tokens: list[int] | Tensor, base: int, moves: list[tuple[int, int]] = ()) -> None:
+        """Set the step's tokens, base slot and slot moves and queue everything that changed to the device.
+        Unused move entries copy slot 0 onto itself (decoding never moves a token there)."""
+        host, T, M = self.staging.writable(), self.size, self.max_moves
+        ints = host[: self.per_step].view(np.int64)
         ints[:T] = np.asarray(tokens)
         ints[T] = base
-        self.staging.send(None if self.layout_changed else 8 * (T + 1))
+        if M:
+            if len(moves) > M:
+                raise ValueError(f"{len(moves)} slot moves for a step that carries {M}")
+            pairs = ints[T + 1 :].reshape(2, M)
+            pairs[:] = 0
+            for j, (src, dst) in enumerate(moves):
+                pairs[0, j], pairs[1, j] = src, dst
+        self.staging.send(None if self.layout_changed else self.per_step)
         self.layout_changed = False

@@ -55,15 +55,17 @@ class TokenTrie:
         where: list[int] = []  # trie index of each grafted node
         for token, parent, key in zip(tokens, parents, keys, strict=True):
             at = where[parent] if parent >= 0 else 0
-            node = nodes[at]
-            child = node.children.get(token)
+            children = nodes[at].children
+            child = children.get(token)
             if child is None:
-                child = len(nodes)
-                nodes.append(Node(token, at, node.depth + 1))
-                node.children[token] = child
-            keys_of = nodes[child].keys
-            if source not in keys_of:
-                keys_of[source] = key
+                child = children[token] = len(nodes)
+                node = Node(token, at, nodes[at].depth + 1)
+                node.keys[source] = key
+                nodes.append(node)
+            else:
+                keys_of = nodes[child].keys
+                if source not in keys_of:
+                    keys_of[source] = key
             where.append(child)
 
     def score(self, prob) -> None:
@@ -105,7 +107,7 @@ def tree_shape(size: int) -> StepShape:
     """The one shape of a `size`-row budget; `load` fills its positions and mask for each step."""
     local = torch.eye(size, dtype=torch.bool)
     local[:, 0] = True
-    return StepShape(f"tree{size}", torch.zeros(size, dtype=torch.long), local, logits=True)
+    return StepShape(f"tree{size}", torch.zeros(size, dtype=torch.long), local, logits=True, moves=True)
 
 
 @dataclass

@@ -381,6 +381,21 @@ def test_tiny_overlapped_learning_equals_ar_and_loses_no_lesson(tiny_engine, arc
         assert drafters.recycling.table and sum(o for _, o in calibration.counts.values()) > 0
 
 
+def test_tiny_slot_moves_ride_with_the_next_step(tiny_engine, monkeypatch) -> None:
+    """Accepted drafts' K/V moves are made by the next tree step itself, not by launches of their own, and the
+    last step's once the request ends: AR's tokens, no separate move during decoding, none left queued after.
+    Catches moves made apart again (two launches a step, ~130 us of host time on an H100) or a last move lost."""
+    engine = tiny_engine("qwen2")
+    kw = dict(document="moves", max_tokens=40, type_through=False)
+    ar = complete(engine, REPETITIVE, decoding="ar", **kw)
+    flushed: list[int] = []
+    real = engine.runner.flush_moves
+    monkeypatch.setattr(engine.runner, "flush_moves", lambda: flushed.append(len(engine.runner._pending)) or real())
+    tree = complete(engine, REPETITIVE, decoding="tree", tree=TreeConfig(16), **kw)
+    assert tree.tokens == ar.tokens and len(tree.tokens) > tree.steps + 1  # drafts accepted: slots moved
+    assert sum(1 for queued in flushed if queued) <= 1 and not engine.runner._pending  # at most the last step's
+
+
 @pytest.mark.parametrize("max_tokens", [1, 3])
 def test_tiny_length_limit_inside_accepted_path(tiny_engine, max_tokens: int) -> None:
     """A warm document accepts long paths at once; the length limit must still cut at exactly max_tokens."""

@@ -2,10 +2,10 @@
 
 A captured step that takes longer than its kernels add up to is bound by launches and idle
 gaps, not by memory bandwidth; a step whose kernels are many and short is bound by their fixed
-cost. This profiles the AR decode step and one lookahead step as the engine replays them (CUDA
-graphs), with torch's profiler, and prints one JSON object:
+cost. This profiles the AR decode step, one lookahead step and any tree steps asked for as the engine
+replays them (CUDA graphs), with torch's profiler, and prints one JSON object:
 
-    python -m engine.bench.profile_step --model qwen.gguf [--shape qwen2.5-coder-7b] [--lookahead 4,6,8]
+    python -m engine.bench.profile_step --model qwen.gguf [--shape qwen2.5-coder-7b] [--lookahead 4,6,8] [--trees "48"]
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 from .. import flags
 from ..lookahead import LookaheadConfig, step_shape
 from ..runner import DECODE, StepShape
+from ..tree import tree_shape
 
 
 def profile(engine, shape: StepShape, base: int, replays: int) -> dict:
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", help="random weights of this size instead of the model's (tune's shapes)")
     parser.add_argument("--context", type=int, default=2048, help="committed tokens before the step")
     parser.add_argument("--replays", type=int, default=50)
+    parser.add_argument("--trees", default="", help="also profile tree steps of these row budgets, e.g. \"48 64\"")
     args = parser.parse_args(argv)
     if args.shape:
         from .tune import shape_engine
@@ -75,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "gpu": torch.cuda.get_device_name(), "model": args.shape or engine.model_name,
         "layers": a.n_layers, "dim": a.dim, "weight_gb": round(weight_bytes / 1e9, 3),
-        "steps": [profile(engine, shape, args.context, args.replays) for shape in (DECODE, step_shape(cfg))],
+        "steps": [profile(engine, shape, args.context, args.replays)
+                  for shape in (DECODE, step_shape(cfg), *(tree_shape(int(b)) for b in args.trees.split()))],
     }
     print(json.dumps(result, indent=1))
     return 0
