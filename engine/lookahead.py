@@ -14,7 +14,6 @@ the output is exactly greedy decoding's. Only committed rows' K/V are moved into
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
@@ -153,7 +152,6 @@ def decode_lookahead(runner: Runner, state: DecodeState, cfg: LookaheadConfig, p
     seq = state.seq
     window = JacobiGrid(W, L, seq)
     while not state.done():
-        started = time.perf_counter()
         p = len(seq) - 1
         cands = pool.candidates(seq[-2] if len(seq) > 1 else None, seq[-1], G, cfg.key) if G else []
         tokens = [seq[-1], *window.tokens()]
@@ -180,7 +178,7 @@ def decode_lookahead(runner: Runner, state: DecodeState, cfg: LookaheadConfig, p
 
         window.update(pred, pool)
 
-        kept = state.commit(commit, started)
+        kept = state.commit(commit)
         moved = min(best_len, kept - 1)
         if moved > 0:
             row = first_cand + best * L

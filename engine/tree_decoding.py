@@ -8,7 +8,6 @@ The Jacobi window takes rows only while it pays for them. Output is exactly gree
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -118,7 +117,6 @@ def decode_tree(runner: Runner, state: DecodeState, cfg: TreeConfig, drafters: D
     window_steps = window_gain = 0
     pending: Callable[[], None] | None = None
     while not state.done():
-        started = time.perf_counter()
         p = len(seq) - 1
         rows = window.rows if window else 0
         room = cfg.budget - 1 - rows
@@ -153,7 +151,7 @@ def decode_tree(runner: Runner, state: DecodeState, cfg: TreeConfig, drafters: D
         if not overlap:
             pending()
             pending = None
-        kept = state.commit(commit, started)
+        kept = state.commit(commit)
         moved = min(len(path), kept - 1)
         if moved > 0:
             runner.move_slots([p + step.row_of[i] for i in path[:moved]], [p + 1 + k for k in range(moved)])

@@ -63,9 +63,9 @@ def test_tiny_lookahead_max_tokens_below_ngram(tiny_engine, monkeypatch, arch: s
     offered: list[int] = []  # tokens each step wanted to commit
     real_commit = DecodeState.commit
 
-    def commit(self: DecodeState, tokens: list[int], started: float) -> int:
+    def commit(self: DecodeState, tokens: list[int]) -> int:
         offered.append(len(tokens))
-        return real_commit(self, tokens, started)
+        return real_commit(self, tokens)
 
     monkeypatch.setattr(DecodeState, "commit", commit)
     la = complete(engine, REPETITIVE, decoding="lookahead", lookahead=cfg, **kw)

@@ -12,7 +12,7 @@ from conftest import complete
 
 from engine.decoding import DecodeState, decode_ar
 from engine.request import CompletionRequest
-from engine.sources import Draft
+from engine.sources import Draft, match_bucket
 from engine.sources.history import HistoryLookup, SuffixAutomaton
 from engine.sources.jacobi import JacobiWindow
 from engine.sources.prompt_lookup import PromptLookup
@@ -161,6 +161,44 @@ def test_prompt_lookup_longest_match_variable_length() -> None:
     assert PromptLookup([7]).propose([7], 4, 4) == []
     suffix_only = PromptLookup([5, 1, 2], extra=[1, 2, 99, 98])  # the code after the cursor, not in the prompt
     assert suffix_only.propose([5, 1, 2], 4, 4)[0].tokens == (99, 98, 5, 1)
+
+
+def test_prompt_lookup_agrees_with_a_scan_of_every_earlier_position() -> None:
+    """On random small-alphabet texts (many repeats, long matches), growing step by step: the drafts equal those
+    of a plain scan of every earlier position, in the same order. Catches an off-by-one in the vectorized
+    search or its backward extension, a match cut short, or a lost recency order."""
+    import random
+
+    from engine.sources.prompt_lookup import MAX_MATCH
+
+    def scan(text: list[int], depth: int, limit: int) -> list[tuple[tuple[int, ...], str]]:
+        end = len(text) - 1
+        found = []
+        for i in range(end - 1, 0, -1):  # most recent first
+            if (text[i - 1], text[i]) == (text[end - 1], text[end]):
+                m = 2
+                while m < MAX_MATCH and i - m >= 0 and text[i - m] == text[end - m]:
+                    m += 1
+                found.append((m, i + 1))
+        found.sort(key=lambda f: -f[0])
+        drafts: list[tuple[tuple[int, ...], str]] = []
+        for m, after in found:
+            cont = tuple(text[after : after + depth])
+            if cont and cont not in [d[0] for d in drafts]:
+                drafts.append((cont, match_bucket(m)))
+        return drafts[:limit]
+
+    rng = random.Random(7)
+    for alphabet in (2, 3, 6):
+        text = [rng.randrange(alphabet) for _ in range(40)]
+        lookup = PromptLookup(text[:-1], extra=[rng.randrange(alphabet) for _ in range(5)])
+        lookup.observe(text, 1)
+        for _ in range(30):
+            full = list(lookup.text)
+            got = [(d.tokens, d.key) for d in lookup.propose(text, 6, 5)]
+            assert got == scan(full, 6, 5)
+            text.append(rng.randrange(alphabet))
+            lookup.observe(text, 1)
 
 
 def test_suffix_automaton_matches_and_branches() -> None:
@@ -394,6 +432,25 @@ def test_tiny_slot_moves_ride_with_the_next_step(tiny_engine, monkeypatch) -> No
     tree = complete(engine, REPETITIVE, decoding="tree", tree=TreeConfig(16), **kw)
     assert tree.tokens == ar.tokens and len(tree.tokens) > tree.steps + 1  # drafts accepted: slots moved
     assert sum(1 for queued in flushed if queued) <= 1 and not engine.runner._pending  # at most the last step's
+
+
+def test_tiny_step_times_cover_the_host_work_between_steps(tiny_engine) -> None:
+    """A step's time runs from the previous commit to its own, so work done after a commit (here a source that
+    takes 10 ms to observe) is counted in the next step: the steps add up to the whole decode. Catches step
+    times that start at the loop's top again, which left the post-commit work out of "decode tok/s"."""
+    import time
+
+    class SlowLookup(PromptLookup):
+        def observe(self, seq: list[int], new: int) -> None:
+            time.sleep(0.01)
+            super().observe(seq, new)
+
+    engine = tiny_engine("qwen2")
+    ids = engine.codec.encode(REPETITIVE)
+    engine.runner.prefill(ids[:-1], 0)
+    state = DecodeState(list(ids), 24, frozenset())
+    decode_tree(engine.runner, state, TreeConfig(16), Drafters([SlowLookup(ids)], Recycling()), overlap=False)
+    assert state.steps > 2 and sum(state.step_ms) >= 10 * (state.steps - 1)
 
 
 @pytest.mark.parametrize("max_tokens", [1, 3])
