@@ -20,7 +20,7 @@ from .collector import collections_held
 from .decoding import DecodeState, decode_ar, heal
 from .errors import AheadError, BadRequest, Cancelled, DoesNotFit, EngineBusy, OutOfMemory
 from .loading import Log, build_model, load_checkpoint, release_weights, resolve_device, resolve_dtype, stderr_log
-from .lookahead import LookaheadConfig, decode_lookahead, step_shape
+from .lookahead import LookaheadConfig, decode_lookahead
 from .model import WHOLE
 from .parallel import TensorParallel
 from .prompt import PromptBudget, build_prompt, suffix_window
@@ -30,7 +30,6 @@ from .sessions import SessionStore
 from .sizing import configure_threads, default_budget
 from .stops import Cut, Stopper, finish
 from .tokens import Codec
-from .tree import tree_shape
 from .tree_decoding import TreeConfig, decode_tree
 from .tuning_store import lookup_tuned
 
@@ -126,9 +125,9 @@ class Engine:
         step, prefill chunks at every cache length), so the first keystroke does not pay for it."""
         from .warmup import warm_up
 
-        shapes = [step_shape(self.default_lookahead())]
+        shapes = [self.default_lookahead().shape()]
         if TREE_BY_DEFAULT[self.device.type]:
-            shapes.append(tree_shape(self.default_tree().budget))
+            shapes.append(self.default_tree().shape())
         captured = warm_up(self.runner, shapes, self.log)
         self.sessions.invalidate_working_cache()
         return captured
@@ -210,7 +209,7 @@ class Engine:
         if cancelled is not None and cancelled():
             raise Cancelled()
 
-        step = step_shape(cfg).size if cfg else tree.budget if tree else 1
+        step = (cfg or tree).step_tokens if cfg or tree else 1
         headroom = step + request.max_tokens + 1
 
         def make_prompt(heal: bool):

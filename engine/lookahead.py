@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import ClassVar
 
 import torch
 
@@ -30,6 +31,7 @@ class LookaheadConfig:
     ngram: int = 4  # N: n-gram size; up to N tokens committed per step
     verify: int = 8  # G: pool candidates verified per step
     key: int = 2  # candidates keyed by the last `key` committed tokens first (1 or 2)
+    kind: ClassVar[str] = "lookahead"  # the request decoding (and request field) that runs it
 
     @classmethod
     def parse(cls, text: str) -> LookaheadConfig:
@@ -41,6 +43,13 @@ class LookaheadConfig:
     @property
     def step_tokens(self) -> int:
         return 1 + (self.window + self.verify) * (self.ngram - 1)
+
+    def shape(self) -> StepShape:
+        return step_shape(self)
+
+    def knobs(self) -> dict:
+        """The config's settings by name, for benchmark results."""
+        return {"window": self.window, "ngram": self.ngram, "verify": self.verify, "key": self.key}
 
     def __str__(self) -> str:
         text = f"{self.window},{self.ngram},{self.verify}"

@@ -11,9 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from typing import ClassVar
 
 from .decoding import DecodeState, decode_ar
-from .runner import Runner
+from .runner import Runner, StepShape
 from .sources import Source, prob_bucket
 from .sources.jacobi import JacobiWindow
 from .sources.recycling import Recycling
@@ -33,6 +34,7 @@ class TreeConfig:
     levels: int = 2  # Jacobi window levels (its n-grams are levels + 1 long)
     depth: int = 12  # longest draft, in tokens
     sources: tuple[str, ...] = SOURCES
+    kind: ClassVar[str] = "tree"  # the request decoding (and request field) that runs it
 
     @classmethod
     def parse(cls, text: str) -> TreeConfig:
@@ -57,6 +59,14 @@ class TreeConfig:
     @property
     def step_tokens(self) -> int:
         return self.budget
+
+    def shape(self) -> StepShape:
+        return tree_shape(self.budget)
+
+    def knobs(self) -> dict:
+        """The config's settings by name, for benchmark results."""
+        return {"budget": self.budget, "window": self.window, "levels": self.levels, "depth": self.depth,
+                "sources": "+".join(self.sources)}
 
     def __str__(self) -> str:
         text = f"{self.budget},{self.window},{self.levels},{self.depth}"
@@ -110,7 +120,7 @@ def decode_tree(runner: Runner, state: DecodeState, cfg: TreeConfig, drafters: D
     between two steps."""
     if cfg.budget < 2:
         return decode_ar(runner, state)
-    shape = tree_shape(cfg.budget)
+    shape = cfg.shape()
     sources, recycling, window, calibration = drafters.text, drafters.recycling, drafters.window, drafters.calibration
     overlap = runner.device.type == "cuda" if overlap is None else overlap
     seq = state.seq

@@ -39,7 +39,7 @@ def lookup_tuned(engine, kind: str = "lookahead"):
     if not entry:
         return None
     try:
-        return (LookaheadConfig if kind == "lookahead" else TreeConfig).parse(entry["config"])
+        return {c.kind: c for c in (LookaheadConfig, TreeConfig)}[kind].parse(entry["config"])
     except (KeyError, ValueError):
         return None
 

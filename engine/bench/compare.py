@@ -25,10 +25,9 @@ import torch
 from .. import flags
 from ..engine import Completion, Engine
 from ..errors import AheadError
-from ..lookahead import LookaheadConfig, step_shape
+from ..lookahead import LookaheadConfig
 from ..runner import sync
 from ..stops import StopRules
-from ..tree import tree_shape
 from ..tree_decoding import TreeConfig
 from .commands import METHODS
 from .harness import (
@@ -214,8 +213,7 @@ def run_bench(engine: Engine, args: argparse.Namespace, cases: list[dict], cfg: 
     reference = Reference(engine) if any(m in REFERENCE_METHODS for m in methods) else None
 
     if any(m in OUR_METHODS for m in methods):
-        shapes = [step_shape(cfg)] if "lookahead" in methods else []
-        shapes += [tree_shape(tree.budget)] if "tree" in methods else []
+        shapes = [c.shape() for method, c in configs.items() if method in methods]
         warm_engine(engine, cases, shapes, args.max_tokens)
     runs: dict[str, list[Run]] = {}
     for method in methods:

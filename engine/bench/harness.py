@@ -78,11 +78,9 @@ def complete_case(
     document = document or f"bench-{case['id']}"
     sync(engine.device)
     started = time.perf_counter()
-    lookahead = cfg if isinstance(cfg, LookaheadConfig) else None
-    tree = cfg if isinstance(cfg, TreeConfig) else None
     request = CompletionRequest(case["prefix"], case["suffix"], document=document, max_tokens=max_tokens,
-                                decoding=decoding, lookahead=lookahead, tree=tree, heal=False,
-                                stop=stop or StopRules.raw())
+                                decoding=decoding, heal=False, stop=stop or StopRules.raw(),
+                                **({cfg.kind: cfg} if cfg else {}))  # the `lookahead` or `tree` field
     completion = engine.complete(request, switches=Switches(reuse_kv=False, type_through=False))
     seconds = time.perf_counter() - started
     engine.close_document(document)  # the next run starts with a fresh n-gram pool, nothing parked

@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             steps, tokens, step_ms = steps + result.steps, tokens + len(result.tokens), step_ms + result.step_ms
         return steps, tokens, step_ms
 
-    warm_engine(engine, cases, [tree_shape(cfg.budget)], args.max_tokens)  # graphs for every cache length
+    warm_engine(engine, cases, [cfg.shape()], args.max_tokens)  # graphs for every cache length
     engine.sessions.forget_learned()  # as `ahead bench` does: no case may see its own earlier output
     sizes = sorted({32, 64, cfg.budget})
     spent: Counter = Counter()

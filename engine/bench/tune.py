@@ -37,9 +37,8 @@ from ..loading import (
     stderr_log,
     weight_bytes,
 )
-from ..lookahead import LookaheadConfig, step_shape
+from ..lookahead import LookaheadConfig
 from ..runner import DECODE, Runner, StepShape, sync
-from ..tree import tree_shape
 from ..tree_decoding import TreeConfig
 from ..tuning_store import store_tuned, tuning_key
 from .harness import (
@@ -76,22 +75,6 @@ def int_list(text: str, flag: str) -> list[int]:
 Config = LookaheadConfig | TreeConfig
 
 
-def shape_of(cfg: Config) -> StepShape:
-    return step_shape(cfg) if isinstance(cfg, LookaheadConfig) else tree_shape(cfg.budget)
-
-
-def kind_of(cfg: Config) -> str:
-    return "lookahead" if isinstance(cfg, LookaheadConfig) else "tree"
-
-
-def describe(cfg: Config) -> dict:
-    """The config's knobs, for the results."""
-    if isinstance(cfg, LookaheadConfig):
-        return {"window": cfg.window, "ngram": cfg.ngram, "verify": cfg.verify, "key": cfg.key}
-    return {"budget": cfg.budget, "window": cfg.window, "levels": cfg.levels, "depth": cfg.depth,
-            "sources": "+".join(cfg.sources)}
-
-
 def grid_configs(args: argparse.Namespace) -> list[Config]:
     """--trees "B,W,L,D;..." (tree configs) when given, else --grid "W,N,G;W,N,G", else the product of
     --windows, --ngrams and --verify."""
@@ -118,7 +101,7 @@ def grid_configs(args: argparse.Namespace) -> list[Config]:
 def decode_cases(engine: Engine, cases: list[dict], cfg: Config | None, max_tokens: int) -> dict:
     """All cases decoded cold with AR (cfg None), lookahead or tree decoding, after one warm-up completion
     (whose learned memory is then forgotten: no case may see its own output)."""
-    decoding = kind_of(cfg) if cfg else "ar"
+    decoding = cfg.kind if cfg else "ar"
     complete_case(engine, cases[0], decoding, cfg, max_tokens)
     engine.sessions.forget_learned()
     tokens, steps, seconds, step_ms, outputs = 0, 0, 0.0, [], []
@@ -146,11 +129,11 @@ def run_tune(engine: Engine, args: argparse.Namespace, cases: list[dict], config
     spans = decode_spans(engine, cases, args.max_tokens)
     results = []
     for cfg in progress(configs, "tune", "config"):
-        capture_shapes(engine, [shape_of(cfg)], spans)
+        capture_shapes(engine, [cfg.shape()], spans)
         got = decode_cases(engine, cases, cfg, args.max_tokens)
         same = sum(a == b for a, b in zip(got["outputs"], ar["outputs"], strict=True)) / len(cases)
         results.append({
-            "config": str(cfg), "kind": kind_of(cfg), **describe(cfg), "step_tokens": cfg.step_tokens,
+            "config": str(cfg), "kind": cfg.kind, **cfg.knobs(), "step_tokens": cfg.step_tokens,
             "tok_s": got["tok_s"],
             "speedup_vs_ar": got["tok_s"] / ar["tok_s"] if ar["tok_s"] else None,
             "tokens_per_step": got["tokens_per_step"], "step_ms_mean": got["step_ms_mean"], "identical": same,
@@ -287,10 +270,10 @@ def run_shape(engine: Engine, args: argparse.Namespace, configs: list[Config],
     ar_ms = time_step(engine.runner, DECODE, context, args.replays)
     results = []
     for cfg in progress(configs, "steps", "config"):
-        ms = time_step(engine.runner, shape_of(cfg), context, args.replays)
+        ms = time_step(engine.runner, cfg.shape(), context, args.replays)
         tps = real_tps.get(str(cfg))
         results.append({
-            "config": str(cfg), "kind": kind_of(cfg), **describe(cfg), "step_tokens": cfg.step_tokens,
+            "config": str(cfg), "kind": cfg.kind, **cfg.knobs(), "step_tokens": cfg.step_tokens,
             "step_ms": ms, "ar_over_step": ar_ms / ms,
             "tokens_per_step": tps, "projected_speedup": tps * ar_ms / ms if tps else None,
         })
