@@ -55,6 +55,12 @@ DECODE = causal_shape(1, "decode", logits=True)
 MAX_MOVES = 16  # slot moves a step carries; more (a deeper accepted path) are made on their own first
 
 
+def move_kv(kv: Tensor, src: Tensor, dst: Tensor) -> None:
+    """Copy K/V of slots `src` to slots `dst` in every layer: gather, then scatter, so a slot both read and
+    written keeps its old value for the read."""
+    kv.index_copy_(3, dst, kv.index_select(3, src))
+
+
 @dataclass
 class Captured:
     graph: torch.cuda.CUDAGraph
@@ -114,9 +120,8 @@ class Runner:
         offset = s - base  # [L]: where each visible slot falls inside this step's block
         in_block = (offset >= 0) & (offset < T)
         mask = (s < base) | (local[:, offset.clamp(0, T - 1)] & in_block)
-        if shape.moves:  # gather, then scatter: a slot both read and written keeps its old value for the read
-            kv = self.model.kv
-            kv.index_copy_(3, inputs.moves[1], kv.index_select(3, inputs.moves[0]))
+        if shape.moves:
+            move_kv(self.model.kv, inputs.moves[0], inputs.moves[1])
         out = self.model(inputs.tokens, positions, slots, mask, logits=shape.logits)
         if not shape.logits:
             return out[:0, 0].long(), None
@@ -230,10 +235,9 @@ class Runner:
             self._moves = Staging(16 * max(n, 32), self.device)
         self._moves.writable()[: 16 * n].view(np.int64)[:] = [*src, *dst]
         self._moves.send(16 * n)
-        s, d = self._moves.device[: 16 * n].view(torch.int64).view(2, n)
-        kv = self.model.kv
+        src_dst = self._moves.device[: 16 * n].view(torch.int64).view(2, n)
         with torch.no_grad():
-            kv.index_copy_(3, d, kv.index_select(3, s))
+            move_kv(self.model.kv, src_dst[0], src_dst[1])
 
     def save(self, n: int) -> Tensor:
         """A copy of the first n slots' K/V (a parked document session)."""

@@ -85,7 +85,7 @@ class StepInputs:
                 raise ValueError(f"{len(moves)} slot moves for a step that carries {M}")
             pairs = ints[T + 1 :].reshape(2, M)
             pairs[:] = 0
-            for j, (src, dst) in enumerate(moves):
-                pairs[0, j], pairs[1, j] = src, dst
+            if moves:
+                pairs[:, : len(moves)] = np.array(moves).T
         self.staging.send(None if self.layout_changed else self.per_step)
         self.layout_changed = False

@@ -101,21 +101,17 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TreeConfig.parse(args.tree) if args.tree else engine.default_tree()
     cases = load_cases(cases_path(args.cases), args.limit)
 
-    def run(tag: str) -> tuple[int, int, list[float]]:
-        steps = tokens = 0
-        step_ms: list[float] = []
-        for i, case in enumerate(cases):
-            result = engine.complete(CompletionRequest(case["prefix"], case["suffix"], document=f"{tag}-{i}",
-                                                       max_tokens=args.max_tokens, decoding="tree", tree=cfg))
-            steps, tokens, step_ms = steps + result.steps, tokens + len(result.tokens), step_ms + result.step_ms
-        return steps, tokens, step_ms
-
     warm_engine(engine, cases, [cfg.shape()], args.max_tokens)  # graphs for every cache length
     engine.sessions.forget_learned()  # as `ahead bench` does: no case may see its own earlier output
     sizes = sorted({32, 64, cfg.budget})
     spent: Counter = Counter()
+    steps = tokens = 0
+    step_ms: list[float] = []
     with timed(PARTS, spent):
-        steps, tokens, step_ms = run("timed")
+        for i, case in enumerate(cases):
+            done = engine.complete(CompletionRequest(case["prefix"], case["suffix"], document=f"timed-{i}",
+                                                     max_tokens=args.max_tokens, decoding="tree", tree=cfg))
+            steps, tokens, step_ms = steps + done.steps, tokens + len(done.tokens), step_ms + done.step_ms
     result = {
         "device": torch.cuda.get_device_name() if engine.device.type == "cuda" else "cpu",
         "model": engine.model_name, "tree": str(cfg), "cases": len(cases), "steps": steps,
