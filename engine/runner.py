@@ -62,6 +62,19 @@ def move_kv(kv: Tensor, src: Tensor, dst: Tensor) -> None:
 
 
 @dataclass
+class HostCopy:
+    """Host copies of device tensors, queued on the stream; `done` marks their end (None: already there)."""
+
+    tensors: tuple[Tensor, ...]
+    done: torch.cuda.Event | None = None
+
+    def values(self) -> tuple[Tensor, ...]:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.tensors
+
+
+@dataclass
 class Captured:
     graph: torch.cuda.CUDAGraph
     argmax: Tensor
@@ -159,17 +172,19 @@ class Runner:
         cap.graph.replay()
         return cap.argmax, cap.logits
 
-    def to_host(self, *tensors: Tensor) -> tuple[Tensor, ...]:
-        """Host copies queued behind the work that makes them: they hold the values once a later read
-        (e.g. of the step's argmax) has waited for the stream, and queuing costs no wait of its own."""
+    def to_host(self, *tensors: Tensor) -> HostCopy:
+        """Host copies queued behind the work that makes them: queuing costs no wait of its own, and
+        reading them (`HostCopy.values`) waits for them only, not for work queued after them."""
         if self.device.type != "cuda":
-            return tensors
+            return HostCopy(tensors)
         out = []
         for t in tensors:
             host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
             host.copy_(t, non_blocking=True)
             out.append(host)
-        return tuple(out)
+        done = torch.cuda.Event()
+        done.record()
+        return HostCopy(tuple(out), done)
 
     @torch.no_grad()
     def _capture(self, shape: StepShape, visible: int) -> Captured:

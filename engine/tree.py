@@ -55,17 +55,13 @@ class TokenTrie:
         where: list[int] = []  # trie index of each grafted node
         for token, parent, key in zip(tokens, parents, keys, strict=True):
             at = where[parent] if parent >= 0 else 0
-            children = nodes[at].children
-            child = children.get(token)
+            above = nodes[at]
+            child = above.children.get(token)
             if child is None:
-                child = children[token] = len(nodes)
-                node = Node(token, at, nodes[at].depth + 1)
-                node.keys[source] = key
-                nodes.append(node)
+                child = above.children[token] = len(nodes)
+                nodes.append(Node(token, at, above.depth + 1, keys={source: key}, children={}))
             else:
-                keys_of = nodes[child].keys
-                if source not in keys_of:
-                    keys_of[source] = key
+                nodes[child].keys.setdefault(source, key)
             where.append(child)
 
     def score(self, prob) -> None:

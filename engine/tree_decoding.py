@@ -146,16 +146,18 @@ def decode_tree(runner: Runner, state: DecodeState, cfg: TreeConfig, drafters: D
                           window.tokens() if window else ())
         load(runner, shape, step)
         argmax, logits = runner.step(shape, step.tokens, p)
-        # Queued behind the step, read only after the step's argmax: no wait of their own.
+        # The argmax's copy is queued before the top-k, so reading it does not wait for the top-k kernels.
+        greedy = runner.to_host(argmax)
         top = runner.to_host(*recycling.top(logits, step.used)) if recycling is not None else None
         if pending is not None:
             pending()  # while the GPU runs the step
-        pred = argmax.tolist()
+        pred = greedy.values()[0].tolist()
 
         path, bonus = accept(trie, step, pred)
         commit = [trie.nodes[i].token for i in path] + [bonus]
         if recycling is not None:
-            recycling.remember(step.tokens[: step.used], top[0].tolist(), top[1].tolist(),
+            ids, probs = top.values()
+            recycling.remember(step.tokens[: step.used], ids.tolist(), probs.tolist(),
                                step.previous(seq[-2] if len(seq) > 1 else None))
         pending = partial(calibration.learn, trie, commit)
         if not overlap:

@@ -199,6 +199,9 @@ def test_prompt_lookup_agrees_with_a_scan_of_every_earlier_position() -> None:
             assert got == scan(full, 6, 5)
             text.append(rng.randrange(alphabet))
             lookup.observe(text, 1)
+        text.extend(rng.randrange(alphabet) for _ in range(400))  # past the buffer's first size: it grows
+        lookup.observe(text, 400)
+        assert [(d.tokens, d.key) for d in lookup.propose(text, 6, 5)] == scan(list(lookup.text), 6, 5)
 
 
 def test_suffix_automaton_matches_and_branches() -> None:

@@ -27,20 +27,22 @@ class PromptLookup:
     def __init__(self, seq: list[int], extra: Sequence[int] = ()):
         """`extra`: text the prompt may lack but the continuation may copy (the code after the cursor
         when the model has no fill-in-the-middle); it is searched before `seq`."""
-        self.buffer = np.empty(2 * (len(extra) + len(seq)) + 256, dtype=np.int64)  # grown by doubling
+        # The text sits after MAX_MATCH sentinels (-1, no token), so a match growing backwards past the
+        # text's start stops there without a bounds check.
+        self.buffer = np.full(MAX_MATCH + 2 * (len(extra) + len(seq)) + 256, -1, dtype=np.int64)  # grown by doubling
         self.size = 0
         self.append([*extra, *seq])
 
     @property
     def text(self) -> np.ndarray:
-        return self.buffer[: self.size]
+        return self.buffer[MAX_MATCH : MAX_MATCH + self.size]
 
     def append(self, tokens: Sequence[int]) -> None:
-        end = self.size + len(tokens)
+        start, end = MAX_MATCH + self.size, MAX_MATCH + self.size + len(tokens)
         if end > len(self.buffer):
-            self.buffer = np.concatenate([self.buffer[: self.size], np.empty(end, dtype=np.int64)])
-        self.buffer[self.size : end] = tokens
-        self.size = end
+            self.buffer = np.concatenate([self.buffer[:start], np.empty(end, dtype=np.int64)])
+        self.buffer[start:end] = tokens
+        self.size += len(tokens)
 
     def observe(self, seq: list[int], new: int) -> None:
         self.append(seq[len(seq) - new :])
@@ -55,11 +57,10 @@ class PromptLookup:
         at = np.flatnonzero((text[: end - 1] == text[end - 1]) & (text[1:end] == text[end])) + 1
         if not len(at):
             return []
-        back = BACK
-        before = at[:, None] - back  # [hits, MAX_MATCH - 2]
-        same = (before >= 0) & (text[np.maximum(before, 0)] == text[np.maximum(end - back, 0)])
+        padded = self.buffer  # text[i] is padded[i + MAX_MATCH]; before the text come the sentinels
+        same = padded[(at + MAX_MATCH)[:, None] - BACK] == padded[end + MAX_MATCH - BACK]  # [hits, MAX_MATCH - 2]
         length = 2 + np.cumprod(same, axis=1).sum(axis=1)  # the pair, then the unbroken run before it
-        order = np.lexsort((-at, -length))  # longest first, then most recent
+        order = np.argsort(-(length * (end + 1) + at))  # longest first, then most recent
         return list(zip(length[order].tolist(), (at[order] + 1).tolist(), strict=True))
 
     def propose(self, seq: list[int], depth: int, limit: int) -> list[Draft]:
