@@ -88,6 +88,10 @@ def test_bench_methods_give_the_ar_tokens_and_stop_rules_only_cut(engine, tmp_pa
     assert result["methods"]["ar"]["tokens_per_step"] == 1.0
     assert result["methods"]["lookahead"]["tokens_per_step"] >= 1.0
     assert result["methods"]["generate"]["tokens_per_step"] is None
+    # Every case's output is AR's, so the tokens per step over those cases are the method's own.
+    assert result["same_ar_tokens_per_step"]["lookahead"] == {
+        "cases": 2, "tokens_per_step": result["methods"]["lookahead"]["tokens_per_step"]}
+    assert "generate" not in result["same_ar_tokens_per_step"]
     assert [c["id"] for c in result["per_case"]] == [json.loads(CASES.read_text().splitlines()[0])["id"], "midline"]
 
     for case in result["per_case"]:  # the stop rules cut the same greedy text, never extend or change it
@@ -112,6 +116,15 @@ def test_bench_without_quality_runs_no_stop_rules(engine, tmp_path):
     cases, cfg = compare.check_args(args)
     result = compare.run_bench(engine, args, cases, cfg)
     assert result["quality"] is None and "tokens_rules" not in result["per_case"][0]["methods"]["ar"]
+
+
+def test_tokens_per_step_where_the_output_is_ars() -> None:
+    """Only the cases with AR's tokens count: catches a filter that keeps every case (the diverged one here
+    took 10 tokens in 2 steps) or one that compares the wrong runs."""
+    ar = [compare.Run([1, 2, 3, 4], 1.0, 4), compare.Run([5] * 10, 1.0, 10), compare.Run([7, 8], 1.0, 2)]
+    tree = [compare.Run([1, 2, 3, 4], 1.0, 2), compare.Run([5] * 9 + [6], 1.0, 2), compare.Run([7, 8], 1.0, 2)]
+    assert compare.tokens_per_step_where_same(tree, ar) == {"cases": 2, "tokens_per_step": 1.5}
+    assert compare.tokens_per_step_where_same(tree[1:2], ar[1:2]) == {"cases": 0, "tokens_per_step": None}
 
 
 # -- quality metrics ------------------------------------------------------------------------------

@@ -179,6 +179,15 @@ def differing(runs: list[Run], base: list[Run], key=lambda r: r.tokens) -> list[
     return [i for i, (a, b) in enumerate(zip(runs, base, strict=True)) if key(a) != key(b)]
 
 
+def tokens_per_step_where_same(runs: list[Run], base: list[Run]) -> dict[str, float | None]:
+    """Tokens per step over the cases whose output is `base`'s. In bf16 a step's numbers may flip a near-tie,
+    and the text after it is other text with other repeats: tokens per step over all cases then moves with
+    what was generated, not only with how well the drafts guess. Over these cases two runs decode one text."""
+    same = [r for r, b in zip(runs, base, strict=True) if r.tokens == b.tokens]
+    steps, tokens = sum(r.steps for r in same), sum(len(r.tokens) for r in same)
+    return {"cases": len(same), "tokens_per_step": tokens / steps if steps else None}
+
+
 def parse_methods(text: str) -> list[str]:
     methods = [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -250,6 +259,8 @@ def run_bench(engine: Engine, args: argparse.Namespace, cases: list[dict], cfg: 
             identical.setdefault(m, {})[f"vs_{base}"] = 1 - len(differ) / len(cases)
             if differ and m != base and f"{base} vs {m}" not in mismatch:
                 mismatch[f"{m} vs {base}"] = [cases[i]["id"] for i in differ]
+    same_ar = {m: tokens_per_step_where_same(runs[m], runs["ar"]) for m in methods
+               if "ar" in runs and m != "ar" and summary[m]["tokens_per_step"] is not None}
     for m in ("lookahead", "tree"):  # stop rules cut text, so each method's cut must be AR's
         if "ar" in rules and m in rules:
             differ = differing(rules[m], rules["ar"], key=lambda r: r.text)
@@ -288,6 +299,7 @@ def run_bench(engine: Engine, args: argparse.Namespace, cases: list[dict], cfg: 
         "speedup": speedup,
         "speedup_rules": speedup_rules,
         "identical": identical,
+        "same_ar_tokens_per_step": same_ar,
         "mismatch": mismatch,
         "quality": quality(runs, rules, cases) if rules else None,
         "per_case": per_case,
@@ -318,6 +330,10 @@ def report(result: dict) -> str:
         text += "\n\nwith stop rules (as users run it)\n" + format_table(
             ["method", "p50 ms", "agg tok/s", "x ar", "decode tok/s", "decode x ar", "tok/step", "step ms", "same ar"],
             rows)
+    for name, same in result["same_ar_tokens_per_step"].items():
+        if same["tokens_per_step"] is not None:
+            text += (f"\n{name}: {same['tokens_per_step']:.2f} tokens/step on the {same['cases']} cases whose raw"
+                     " output is AR's")
     for label, summaries in (("raw", result["methods"]), ("rules", result["methods_rules"])):
         for name, s in summaries.items():
             if s.get("by_source_per_step"):
