@@ -12,7 +12,6 @@ probabilities of each row of a step's logits (Token Recycling), in two launches.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -209,11 +208,6 @@ def rope_and_cache(qkv: Tensor, cos: Tensor, sin: Tensor, slots: Tensor, kv: Ten
     return q
 
 
-@functools.cache
-def sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def attention(q: Tensor, kv: Tensor, bias: Tensor, n_heads: int) -> Tensor:
     """Masked attention of folded queries q [H_kv, rep*T, D] over cache slots [0, L); bias: [T, L].
 
@@ -226,10 +220,8 @@ def attention(q: Tensor, kv: Tensor, bias: Tensor, n_heads: int) -> Tensor:
     BL = 64
     row_blocks = triton.cdiv(R, BR)
     tiles = triton.cdiv(L, BL)
-    # As many key splits as keep every program in one wave: on an H100, a 48-row tree step's attention took
-    # 17.9 us a layer at 16 splits (two waves) and 14.3 us at 8; a one-token step is fastest at 32.
     nsplit = 1
-    while nsplit * 2 <= tiles and hkv * row_blocks * nsplit * 2 <= sm_count(q.device):
+    while nsplit * 2 <= tiles and hkv * row_blocks * nsplit * 2 <= 264:  # ~2 waves on 132 SMs
         nsplit *= 2
     chunk = triton.cdiv(tiles, nsplit) * BL
     m = torch.empty(hkv, nsplit, R, dtype=torch.float32, device=q.device)
