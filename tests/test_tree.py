@@ -595,6 +595,7 @@ def test_tree_host_bench_times_the_loop_and_puts_it_back(tiny_engine, tmp_path, 
     part that is never reached (renamed in the loop) and timers left wrapped around the engine afterwards."""
     import json
 
+    from engine import engine as engine_module
     from engine import flags
     from engine.bench import tree_host
 
@@ -603,10 +604,39 @@ def test_tree_host_bench_times_the_loop_and_puts_it_back(tiny_engine, tmp_path, 
     cases.write_text(json.dumps({"prefix": REPETITIVE, "suffix": "\n"}) + "\n")
     monkeypatch.setattr(flags, "engine_from_args", lambda args: engine)
     originals = [getattr(owner, name) for owner, name, _ in tree_host.PARTS]
-    assert tree_host.main(["--cases", str(cases), "--limit", "1", "--max-tokens", "24", "--tree", "16"]) == 0
+    decode_tree, top = engine_module.decode_tree, Recycling.top
+    assert tree_host.main(["--cases", str(cases), "--limit", "1", "--max-tokens", "24", "--tree", "16",
+                           "--replays", "2"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["tree"] == "16,0,2,12" and result["steps"] > 0 and result["tokens_per_step"] > 1
     host = result["host_us_per_step"]
     assert {"trie graft", "trie score", "step layout", "recycling table", "commit + stop rules"} <= set(host)
     assert set(result["bare_steps"]) == {"decode", "tree16", "tree32", "tree64"}
+    # Both replays met exactly the recorded steps (or they would have raised), and timed the loop.
+    assert result["replayed_loop_us_per_step"]["passes"] == 2 and result["replayed_loop_us_per_step"]["best"] > 0
     assert [getattr(owner, name) for owner, name, _ in tree_host.PARTS] == originals
+    assert (engine_module.decode_tree, Recycling.top) == (decode_tree, top)
+    assert "step" not in vars(engine.runner) and "_forward" not in vars(engine.runner)
+
+
+def test_tree_host_replay_stops_where_the_drafting_differs(tiny_engine) -> None:
+    """A replay answers steps from a recording only while the decode asks for the very same steps: with other
+    drafts (another tree) it must stop with an error, not time a loop fed with the wrong answers."""
+    from engine.bench.tree_host import ReplayMismatch, recording, replaying
+
+    engine = tiny_engine("qwen2", max_seq_len=1024)
+
+    def request(tree: str, document: str) -> CompletionRequest:
+        return CompletionRequest(REPETITIVE, "\n", document=document, max_tokens=16, decoding="tree",
+                                 tree=TreeConfig.parse(tree))
+
+    log: list = []
+    engine.sessions.forget_learned()
+    with recording(engine.runner, log):
+        done = engine.complete(request("16", "recorded"))
+    engine.sessions.forget_learned()
+    with replaying(engine.runner, log):
+        assert engine.complete(request("16", "again")).tokens == done.tokens
+    engine.sessions.forget_learned()
+    with pytest.raises(ReplayMismatch), replaying(engine.runner, log):
+        engine.complete(request("8", "other"))

@@ -7,6 +7,11 @@ slot moves, stop rules), then times bare replays of the step shapes (launch, the
 for the GPU's own share, and prints one JSON object:
 
     python -m engine.bench.tree_host --model qwen.gguf [--cases cases.jsonl] [--limit 16] [--tree 48,0,2]
+
+The timed run also records every step's outputs. `--replays` passes then decode the same cases with
+each step answered from that recording: the whole loop's host work, and nothing else, per step. Two
+builds whose drafting agrees replay the same steps, so their host work compares without the GPU's
+noise (a replay that meets other steps than the recording stops with an error).
 """
 
 from __future__ import annotations
@@ -20,11 +25,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+from torch import Tensor
 
+from .. import engine as engine_module
 from .. import flags, tree_decoding
 from ..decoding import DecodeState
 from ..request import CompletionRequest
-from ..runner import DECODE, Runner, sync
+from ..runner import DECODE, Runner, StepShape, sync
 from ..sources.history import HistoryLookup
 from ..sources.prompt_lookup import PromptLookup
 from ..sources.recycling import Recycling
@@ -68,6 +75,68 @@ def timed(parts: list[tuple[object, str, str]], spent: Counter) -> Iterator[None
             setattr(owner, name, fn)
 
 
+class ReplayMismatch(RuntimeError):
+    """A replayed decode asked for other steps than the recorded one: its drafting differs."""
+
+
+def as_list(tokens: list[int] | Tensor) -> list[int]:
+    return tokens.tolist() if isinstance(tokens, Tensor) else list(tokens)
+
+
+@contextmanager
+def recording(runner: Runner, log: list) -> Iterator[None]:
+    """Append each step's (shape name, tokens, argmax, logits of one-row steps) and each recycling top-k's
+    (ids, probs) to `log`, in call order."""
+    step, top = runner.step, Recycling.top
+
+    def record_step(shape: StepShape, tokens: list[int] | Tensor, base: int, graph: bool = True):
+        argmax, logits = step(shape, tokens, base, graph)
+        one_row = logits.clone() if logits is not None and shape.size == 1 else None  # token healing reads them
+        log.append((shape.name, as_list(tokens), argmax.clone(), one_row))
+        return argmax, logits
+
+    def record_top(self: Recycling, logits: Tensor, rows: int) -> tuple[Tensor, Tensor]:
+        ids, probs = top(self, logits, rows)
+        log.append(("top-k", ids.clone(), probs.clone()))
+        return ids, probs
+
+    runner.step, Recycling.top = record_step, record_top
+    try:
+        yield
+    finally:
+        del runner.step
+        Recycling.top = top
+
+
+@contextmanager
+def replaying(runner: Runner, log: list) -> Iterator[None]:
+    """Steps and top-k answered from `log`: the runner still stages each step's inputs and slot moves, but
+    runs no forward (nor graph)."""
+    answers = iter(log)
+    step, top = runner.step, Recycling.top
+    answer: list = []
+
+    def replay_step(shape: StepShape, tokens: list[int] | Tensor, base: int, graph: bool = True):
+        name, recorded, argmax, logits = next(answers, ("the end of the recording", None, None, None))
+        if (name, recorded) != (shape.name, as_list(tokens)):
+            raise ReplayMismatch(f"the replay asked for a {shape.name} step where the recording has {name}")
+        answer[:] = [argmax, logits]
+        return step(shape, tokens, base, graph=False)
+
+    def replay_top(self: Recycling, logits: Tensor, rows: int) -> tuple[Tensor, Tensor]:
+        kind, ids, probs = next(answers, ("the end of the recording", None, None))
+        if kind != "top-k":
+            raise ReplayMismatch(f"the replay asked for a top-k where the recording has {kind}")
+        return ids, probs
+
+    runner.step, runner._forward, Recycling.top = replay_step, lambda shape, visible: tuple(answer), replay_top
+    try:
+        yield
+    finally:
+        del runner.step, runner._forward
+        Recycling.top = top
+
+
 def bare_steps(engine, sizes: list[int], base: int, replays: int = 50) -> dict[str, dict[str, float]]:
     """Median ms until a bare replay returns (launch) and until its argmax is read (the GPU's share)."""
     out = {}
@@ -96,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--tree", metavar="B,W,L,D", help="the tree to run (default: the engine's)")
+    parser.add_argument("--replays", type=int, default=3, help="host-only passes over the recorded steps (best counts)")
     args = parser.parse_args(argv)
     engine = flags.engine_from_args(args)
     cfg = TreeConfig.parse(args.tree) if args.tree else engine.default_tree()
@@ -107,11 +177,25 @@ def main(argv: list[str] | None = None) -> int:
     spent: Counter = Counter()
     steps = tokens = 0
     step_ms: list[float] = []
-    with timed(PARTS, spent):
-        for i, case in enumerate(cases):
-            done = engine.complete(CompletionRequest(case["prefix"], case["suffix"], document=f"timed-{i}",
-                                                     max_tokens=args.max_tokens, decoding="tree", tree=cfg))
+    log: list = []
+
+    def requests(tag: str) -> Iterator[CompletionRequest]:
+        engine.sessions.forget_learned()  # each pass starts from what the timed run started from
+        for i, case in enumerate(cases):  # fresh documents: no pass reuses another's KV
+            yield CompletionRequest(case["prefix"], case["suffix"], document=f"{tag}-{i}",
+                                    max_tokens=args.max_tokens, decoding="tree", tree=cfg)
+
+    with timed(PARTS, spent), recording(engine.runner, log):
+        for request in requests("timed"):
+            done = engine.complete(request)
             steps, tokens, step_ms = steps + done.steps, tokens + len(done.tokens), step_ms + done.step_ms
+    passes = []
+    for r in range(args.replays):
+        loop: Counter = Counter()
+        with replaying(engine.runner, log), timed([(engine_module, "decode_tree", "tree loop")], loop):
+            for request in requests(f"replay{r}"):
+                engine.complete(request)
+        passes.append(loop["tree loop"] * 1e6 / max(steps, 1))
     result = {
         "device": torch.cuda.get_device_name() if engine.device.type == "cuda" else "cpu",
         "model": engine.model_name, "tree": str(cfg), "cases": len(cases), "steps": steps,
@@ -119,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
         "step_ms_median": round(statistics.median(step_ms), 3) if step_ms else None,
         "step_ms_mean": round(statistics.fmean(step_ms), 3) if step_ms else None,
         "host_us_per_step": {label: round(s * 1e6 / max(steps, 1), 1) for label, s in spent.most_common()},
+        # the whole tree loop with every step answered from the recording: its host work only
+        "replayed_loop_us_per_step": {"best": round(min(passes), 1), "median": round(statistics.median(passes), 1),
+                                      "passes": len(passes)} if passes else None,
         # at ~2k tokens of context, like the cases
         "bare_steps": bare_steps(engine, sizes, base=max(0, min(2048, engine.runner.capacity - 2 * sizes[-1]))),
     }
