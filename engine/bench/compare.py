@@ -183,7 +183,8 @@ def tokens_per_step_where_same(runs: list[Run], base: list[Run]) -> dict[str, fl
     """Tokens per step over the cases whose output is `base`'s. In bf16 a step's numbers may flip a near-tie,
     and the text after it is other text with other repeats: tokens per step over all cases then moves with
     what was generated, not only with how well the drafts guess. Over these cases two runs decode one text."""
-    same = [r for r, b in zip(runs, base, strict=True) if r.tokens == b.tokens]
+    differ = set(differing(runs, base))
+    same = [r for i, r in enumerate(runs) if i not in differ]
     steps, tokens = sum(r.steps for r in same), sum(len(r.tokens) for r in same)
     return {"cases": len(same), "tokens_per_step": tokens / steps if steps else None}
 
