@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .model import Transformer
-from .staging import Staging, StepInputs
+from .staging import ReadBack, Staging, StepInputs
 
 
 def sync(device: torch.device) -> None:
@@ -62,19 +62,6 @@ def move_kv(kv: Tensor, src: Tensor, dst: Tensor) -> None:
 
 
 @dataclass
-class HostCopy:
-    """Host copies of device tensors, queued on the stream; `done` marks their end (None: already there)."""
-
-    tensors: tuple[Tensor, ...]
-    done: torch.cuda.Event | None = None
-
-    def values(self) -> tuple[Tensor, ...]:
-        if self.done is not None:
-            self.done.synchronize()
-        return self.tensors
-
-
-@dataclass
 class Captured:
     graph: torch.cuda.CUDAGraph
     argmax: Tensor
@@ -98,6 +85,7 @@ class Runner:
     _moves: Staging | None = None  # slot-move indices for moves made on their own, grown as needed
     _pending: list[tuple[int, int]] = field(default_factory=list)  # (source, destination) slot moves not made yet
     _warmed: set[str] = field(default_factory=set)  # shapes whose eager pre-capture runs are done
+    _read_backs: dict[str, ReadBack] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.device = self.model.output.weight.device
@@ -172,19 +160,13 @@ class Runner:
         cap.graph.replay()
         return cap.argmax, cap.logits
 
-    def to_host(self, *tensors: Tensor) -> HostCopy:
-        """Host copies queued behind the work that makes them: queuing costs no wait of its own, and
-        reading them (`HostCopy.values`) waits for them only, not for work queued after them."""
-        if self.device.type != "cuda":
-            return HostCopy(tensors)
-        out = []
-        for t in tensors:
-            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            host.copy_(t, non_blocking=True)
-            out.append(host)
-        done = torch.cuda.Event()
-        done.record()
-        return HostCopy(tuple(out), done)
+    def read_back(self, name: str) -> ReadBack:
+        """The host twins of one kind of result that decode loops read after every step: made once, so
+        neither a step nor a request allocates pinned memory."""
+        back = self._read_backs.get(name)
+        if back is None:
+            back = self._read_backs[name] = ReadBack(self.device)
+        return back
 
     @torch.no_grad()
     def _capture(self, shape: StepShape, visible: int) -> Captured:

@@ -5,6 +5,9 @@ separate pageable tensors that was four copies and a fill per step, each a drive
 pageable copy may wait for the stream). Here they are fields of one byte buffer, written in
 place through numpy views, then sent in one queued copy; the captured graphs read the device
 twin by reference. On the CPU the two buffers are one.
+
+The way back is `ReadBack`: pinned twins of a step's results, reused every step, each read waiting
+for its own copy only.
 """
 
 from __future__ import annotations
@@ -89,3 +92,42 @@ class StepInputs:
                 pairs[:, : len(moves)] = np.array(moves).T
         self.staging.send(None if self.layout_changed else self.per_step)
         self.layout_changed = False
+
+
+class ReadBack:
+    """Pinned host twins of device tensors that a loop reads after every step, grown as needed and reused
+    rather than allocated per step. `queue` copies behind the work that makes the tensors; `values` waits
+    for that copy alone (its own event), not for work queued after it: a tree step's argmax is read while
+    the recycling top-k queued behind it still runs. On the CPU the tensors are already there."""
+
+    def __init__(self, device: torch.device):
+        self.buffers: list[Tensor] = []
+        self.done = torch.cuda.Event() if device.type == "cuda" else None
+        self.tensors: tuple[Tensor, ...] = ()
+        self._unread = False
+
+    def queue(self, *tensors: Tensor) -> ReadBack:
+        if self.done is None:
+            self.tensors = tensors
+            return self
+        if self._unread:  # the last copy may still be writing the buffers about to be reused
+            self.done.synchronize()
+        out = []
+        for i, t in enumerate(tensors):
+            if i == len(self.buffers) or self.buffers[i].dtype != t.dtype or self.buffers[i].numel() < t.numel():
+                buffer = torch.empty(max(t.numel(), 64), dtype=t.dtype, pin_memory=True)
+                self.buffers[i : i + 1] = [buffer]
+            host = self.buffers[i][: t.numel()].view(t.shape)
+            host.copy_(t, non_blocking=True)
+            out.append(host)
+        self.done.record()
+        self.tensors = tuple(out)
+        self._unread = True
+        return self
+
+    def values(self) -> tuple[Tensor, ...]:
+        """The queued tensors' host copies, valid until the next `queue`."""
+        if self._unread:
+            self.done.synchronize()
+            self._unread = False
+        return self.tensors

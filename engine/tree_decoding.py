@@ -25,6 +25,7 @@ SOURCES = ("prompt", "history", "recycling", "jacobi")
 PRIORS = {"prompt": 0.4, "history": 0.5, "jacobi": 0.2, "recycling": 0.3}
 PRIOR_WEIGHT = 4.0
 WINDOW_PROBE = 8  # steps the Jacobi window gets to prove that its rows pay
+TEXT_DRAFTS = 4  # a text source's drafts per step: its best few win rows, the rest only cost host time
 
 
 @dataclass(frozen=True)
@@ -79,11 +80,17 @@ class Calibration:
 
     def __init__(self):
         self.counts: dict[tuple[str, str, int], list[float]] = {}
+        self._probs: dict[tuple[str, str, int], float] = {}  # answers until `learn` changes their counts
 
     def prob(self, source: str, key: str, depth: int) -> float:
-        accepted, offered = self.counts.get((source, key, min(depth, 8)), (0.0, 0.0))
+        bucket = (source, key, min(depth, 8))
+        known = self._probs.get(bucket)
+        if known is not None:
+            return known
+        accepted, offered = self.counts.get(bucket, (0.0, 0.0))
         prior = PRIORS.get(source, 0.3) if not key.startswith("p") else float(key[1:])
-        return (accepted + prior * PRIOR_WEIGHT) / (offered + PRIOR_WEIGHT)
+        p = self._probs[bucket] = (accepted + prior * PRIOR_WEIGHT) / (offered + PRIOR_WEIGHT)
+        return p
 
     def learn(self, trie: TokenTrie, truth: list[int]) -> None:
         """Every node whose parent lies on the true path was a guess at truth[depth - 1]: count it."""
@@ -95,9 +102,11 @@ class Calibration:
             if right:
                 on_path.add(i)
             for source, key in node.keys.items():
-                entry = self.counts.setdefault((source, key, min(node.depth, 8)), [0.0, 0.0])
+                bucket = (source, key, min(node.depth, 8))
+                entry = self.counts.setdefault(bucket, [0.0, 0.0])
                 entry[0] += right
                 entry[1] += 1
+                self._probs.pop(bucket, None)
 
 
 @dataclass
@@ -126,13 +135,14 @@ def decode_tree(runner: Runner, state: DecodeState, cfg: TreeConfig, drafters: D
     seq = state.seq
     window_steps = window_gain = 0
     pending: Callable[[], None] | None = None
+    greedy, top = runner.read_back("tree argmax"), runner.read_back("recycling top-k")
     while not state.done():
         p = len(seq) - 1
         rows = window.rows if window else 0
         room = cfg.budget - 1 - rows
         trie = TokenTrie(seq[-1])
         for source in sources:
-            for draft in source.propose(seq, cfg.depth, room):
+            for draft in source.propose(seq, cfg.depth, min(room, TEXT_DRAFTS)):
                 trie.insert(draft.tokens, draft.source, [draft.key] * len(draft.tokens))
         if recycling is not None:
             tokens, parents, probs = recycling.tree(seq, cfg.depth, room)
@@ -147,8 +157,9 @@ def decode_tree(runner: Runner, state: DecodeState, cfg: TreeConfig, drafters: D
         load(runner, shape, step)
         argmax, logits = runner.step(shape, step.tokens, p)
         # The argmax's copy is queued before the top-k, so reading it does not wait for the top-k kernels.
-        greedy = runner.to_host(argmax)
-        top = runner.to_host(*recycling.top(logits, step.used)) if recycling is not None else None
+        greedy.queue(argmax)
+        if recycling is not None:
+            top.queue(*recycling.top(logits, step.used))
         if pending is not None:
             pending()  # while the GPU runs the step
         pred = greedy.values()[0].tolist()

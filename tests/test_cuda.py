@@ -212,17 +212,22 @@ def test_after_warm_up_decoding_captures_no_graph():
     assert torch.allclose(a, b, atol=1e-4)
 
 
-def test_host_copy_waits_for_itself_not_for_work_queued_after_it():
-    """A tree step's argmax is read while the top-k kernels queued after it still run: `HostCopy.values` must
+def test_read_back_waits_for_itself_not_for_work_queued_after_it():
+    """A tree step's argmax is read while the top-k kernels queued after it still run: `ReadBack.values` must
     hold the copied values and return without waiting for later work. Catches a read that synchronizes the
-    whole device (the step would then wait for the top-k) or one that does not wait for its own copy."""
+    whole device (the step would then wait for the top-k) or one that does not wait for its own copy, and a
+    reused buffer that a second, larger queue does not fit."""
     import time
 
     runner = Runner(tiny_model(torch.float32, max_seq_len=64), use_graphs=False)
-    x = torch.arange(6, device="cuda") * 3
-    copy = runner.to_host(x)
-    torch.cuda._sleep(2_000_000_000)  # ~1 s of work queued behind the copy
-    started = time.perf_counter()
-    assert copy.values()[0].tolist() == [0, 3, 6, 9, 12, 15]
-    assert time.perf_counter() - started < 0.3
-    torch.cuda.synchronize()
+    back = runner.read_back("test")
+    for n in (6, 100, 5):  # the second outgrows the first buffer; the third reuses it
+        x = torch.arange(n, device="cuda") * 3
+        back.queue(x, x.float())
+        torch.cuda._sleep(2_000_000_000)  # ~1 s of work queued behind the copy
+        started = time.perf_counter()
+        ints, floats = back.values()
+        assert ints.tolist() == list(range(0, 3 * n, 3)) and floats.tolist() == [float(v) for v in range(0, 3 * n, 3)]
+        assert time.perf_counter() - started < 0.3
+        torch.cuda.synchronize()
+    assert runner.read_back("test") is back  # made once: no pinned allocation per request

@@ -18,7 +18,7 @@ from engine.sources.jacobi import JacobiWindow
 from engine.sources.prompt_lookup import PromptLookup
 from engine.sources.recycling import Recycling
 from engine.tree import TokenTrie, accept, build_step
-from engine.tree_decoding import SOURCES, Calibration, Drafters, TreeConfig, decode_tree
+from engine.tree_decoding import SOURCES, TEXT_DRAFTS, Calibration, Drafters, TreeConfig, decode_tree
 
 REPETITIVE = "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1)\n" * 3
 
@@ -420,6 +420,31 @@ def test_tiny_overlapped_learning_equals_ar_and_loses_no_lesson(tiny_engine, arc
         assert state.new == ar.new and state.steps < ar.steps
         assert calibration.lessons == state.steps
         assert drafters.recycling.table and sum(o for _, o in calibration.counts.values()) > 0
+
+
+class AskedPromptLookup(PromptLookup):
+    """Prompt lookup that notes how many drafts each step asked it for."""
+
+    def __init__(self, seq: list[int]):
+        super().__init__(seq)
+        self.limits: list[int] = []
+
+    def propose(self, seq: list[int], depth: int, limit: int) -> list[Draft]:
+        self.limits.append(limit)
+        return super().propose(seq, depth, limit)
+
+
+def test_tiny_text_sources_are_asked_for_their_best_few_drafts(tiny_engine) -> None:
+    """A text source is asked for TEXT_DRAFTS drafts a step however many rows the budget has: its further
+    drafts seldom win rows, and each costs host time between two GPU steps. Catches the cap dropped (a source
+    asked for the whole budget) and a cap that changes the output."""
+    engine = tiny_engine("qwen2")
+    ids = engine.codec.encode(REPETITIVE)
+    ar = decode(engine, ids)
+    source = AskedPromptLookup(ids)
+    tree = decode(engine, ids, cfg=TreeConfig(32), drafters=Drafters([source]))
+    assert tree.new == ar.new and tree.steps < ar.steps
+    assert source.limits and set(source.limits) == {TEXT_DRAFTS}
 
 
 def test_tiny_slot_moves_ride_with_the_next_step(tiny_engine, monkeypatch) -> None:
