@@ -106,10 +106,10 @@ class ReadBack:
         self.tensors: tuple[Tensor, ...] = ()
         self._unread = False
 
-    def queue(self, *tensors: Tensor) -> ReadBack:
+    def queue(self, *tensors: Tensor) -> None:
         if self.done is None:
             self.tensors = tensors
-            return self
+            return
         if self._unread:  # the last copy may still be writing the buffers about to be reused
             self.done.synchronize()
         out = []
@@ -123,7 +123,6 @@ class ReadBack:
         self.done.record()
         self.tensors = tuple(out)
         self._unread = True
-        return self
 
     def values(self) -> tuple[Tensor, ...]:
         """The queued tensors' host copies, valid until the next `queue`."""
