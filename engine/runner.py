@@ -52,7 +52,7 @@ def causal_shape(size: int, name: str | None = None, logits: bool = False) -> St
 DECODE = causal_shape(1, "decode", logits=True)
 
 
-MAX_MOVES = 16  # slot moves a step carries; more (a deeper accepted path) are made on their own first
+MAX_MOVES = 32  # slot moves a step carries (drafts up to 32 tokens); more are made on their own first
 
 
 def move_kv(kv: Tensor, src: Tensor, dst: Tensor) -> None:

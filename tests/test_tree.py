@@ -17,7 +17,7 @@ from engine.sources.history import HistoryLookup, SuffixAutomaton
 from engine.sources.jacobi import JacobiWindow
 from engine.sources.prompt_lookup import PromptLookup
 from engine.sources.recycling import Recycling
-from engine.tree import TokenTrie, accept, build_step
+from engine.tree import TokenTrie, accept, build_step, tree_shape
 from engine.tree_decoding import SOURCES, TEXT_DRAFTS, Calibration, Drafters, TreeConfig, decode_tree
 
 REPETITIVE = "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1)\n" * 3
@@ -460,6 +460,31 @@ def test_tiny_slot_moves_ride_with_the_next_step(tiny_engine, monkeypatch) -> No
     tree = complete(engine, REPETITIVE, decoding="tree", tree=TreeConfig(16), **kw)
     assert tree.tokens == ar.tokens and len(tree.tokens) > tree.steps + 1  # drafts accepted: slots moved
     assert sum(1 for queued in flushed if queued) <= 1 and not engine.runner._pending  # at most the last step's
+
+
+def test_tiny_a_deep_draft_s_moves_ride_with_the_step(tiny_engine, monkeypatch) -> None:
+    """The moves of an accepted path as deep as drafts of 24 tokens ride with the next step, and leave the cache
+    as moves made on their own do. Catches a step that carries fewer moves than drafts are deep (on an H200 the
+    separate launches cost ~90 us a step with drafts of 24 while a step carried 16) and carried moves that land
+    elsewhere."""
+    engine = tiny_engine("qwen2")
+    runner = engine.runner
+    engine.sessions.invalidate_working_cache()
+    runner.prefill(list(range(3, 43)), 0)
+    saved = runner.save(80)
+    src, dst = list(range(10, 34)), list(range(50, 74))
+    flushed: list[int] = []
+    real = runner.flush_moves
+    monkeypatch.setattr(runner, "flush_moves", lambda: flushed.append(len(runner._pending)) or real())
+    runner.move_slots(src, dst)
+    runner.step(tree_shape(8), [5] * 8, 80)
+    assert not any(flushed) and not runner._pending  # carried by the step
+    carried = runner.model.kv[:, :, :, 50:74].clone()
+    runner.restore(saved)
+    runner.move_slots(src, dst)
+    runner.flush_moves()
+    assert torch.equal(carried, runner.model.kv[:, :, :, 50:74])
+    assert torch.equal(carried, saved[:, :, :, 10:34])
 
 
 def test_tiny_step_times_cover_the_host_work_between_steps(tiny_engine) -> None:
