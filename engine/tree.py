@@ -66,17 +66,14 @@ class TokenTrie:
 
     def score(self, prob) -> None:
         """Set every node's acceptance chance; `prob(source, key, depth)` is one source's belief, and
-        sources agreeing on a token are treated as independent witnesses: 1 - prod(1 - p)."""
+        sources agreeing on a token are treated as independent witnesses: 1 - prod(1 - p). `prob` is
+        called per node and source, so it should be cheap (`Calibration.prob` keeps its answers)."""
         nodes = self.nodes
-        memo: dict[tuple[str, str, int], float] = {}  # few distinct (source, key, depth) per step
         for node in nodes[1:]:  # parents are created before their children
             miss = 1.0
             depth = node.depth
             for source, key in node.keys.items():
-                belief = memo.get((source, key, depth))
-                if belief is None:
-                    belief = memo[source, key, depth] = prob(source, key, depth)
-                miss *= 1.0 - belief
+                miss *= 1.0 - prob(source, key, depth)
             node.prob = 1.0 - miss
             node.score = nodes[node.parent].score * node.prob
 
