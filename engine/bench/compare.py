@@ -115,6 +115,7 @@ class Run:
     text: str | None = None  # our methods' completion text (None for transformers)
     stop_reason: str | None = None
     by_source: dict[str, int] = field(default_factory=dict)  # tree: drafted tokens accepted, per source
+    prefill_ms: float | None = None  # prompt building and prefill (our methods)
 
     @property
     def tok_s(self) -> float:
@@ -123,7 +124,7 @@ class Run:
     @classmethod
     def of(cls, completion: Completion, seconds: float) -> Run:
         return cls(completion.tokens, seconds, completion.steps, completion.step_ms, completion.text,
-                   completion.stop_reason, completion.by_source)
+                   completion.stop_reason, completion.by_source, completion.prefill_ms)
 
 
 def run_case(
@@ -158,6 +159,8 @@ def summarize(runs: list[Run]) -> dict:
         "tokens": tokens,
         "tokens_per_step": tokens / steps if stepped and steps else None,
         "step_ms_mean": mean([ms for r in runs for ms in r.step_ms]) if stepped else None,
+        # What a request pays before its first step (prompt and prefill): all of it on a cold document.
+        "prefill_ms_mean": mean(ms) if (ms := [r.prefill_ms for r in runs if r.prefill_ms is not None]) else None,
         # Decoding alone, prefill left out: what lookahead changes, and how generation rates are usually quoted.
         "decode_tok_s": tokens / decode_s if (decode_s := sum(sum(r.step_ms) for r in runs) / 1e3) else None,
         # Tree: drafted tokens accepted per source (a token several sources drafted counts for each), per step.
@@ -315,10 +318,11 @@ def report(result: dict) -> str:
         same = result["identical"].get(name, {})
         rows.append([
             name, s["latency_ms_p50"], s["tok_s_p50"], s["tok_s_aggregate"], up.get("vs_ar"), up.get("vs_generate"),
-            s["decode_tok_s"], s["tokens_per_step"], s["step_ms_mean"], same.get("vs_ar"), same.get("vs_generate"),
+            s["decode_tok_s"], s["tokens_per_step"], s["step_ms_mean"], s["prefill_ms_mean"], same.get("vs_ar"),
+            same.get("vs_generate"),
         ])
     headers = ["method", "p50 ms", "p50 tok/s", "agg tok/s", "x ar", "x generate", "decode tok/s", "tok/step",
-               "step ms", "same ar", "same gen"]
+               "step ms", "prefill ms", "same ar", "same gen"]
     head = (f"{result['engine']}: {result['cases']} cases, {result['max_tokens']} new tokens max, "
             f"lookahead {result['lookahead']}, tree {result['tree']}, median of {result['repeat']} run(s); raw stop, "
             "same prompt ids")
