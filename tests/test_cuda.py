@@ -148,6 +148,24 @@ def test_triton_kernels_match_torch_path(monkeypatch, dtype, tol):
     assert (results[0][1] - results[1][1]).abs().max() < tol
 
 
+def test_prefill_attention_serves_each_query_head_from_its_own_kv_head():
+    """Prefill chunks' SDPA attention, grouped (cuDNN) where it can be, against the plain masked softmax:
+    catches query heads paired with the wrong KV head (grouped and expanded heads ordered differently)
+    and a mask lost on the grouped path. Qwen2.5-Coder-1.5B's heads: 12 query heads over 2 KV heads."""
+    from engine import model as model_module
+
+    torch.manual_seed(0)
+    hkv, rep, T, L, D = 2, 6, 128, 512, 128
+    q = torch.randn(hkv, rep * T, D, device="cuda", dtype=torch.bfloat16)
+    kv = torch.randn(2, hkv, 1024, D, device="cuda", dtype=torch.bfloat16)
+    visible = torch.rand(T, L, device="cuda") < 0.7
+    visible[:, 0] = True
+    bias = torch.zeros(T, L, device="cuda", dtype=torch.bfloat16).masked_fill_(~visible, float("-inf"))
+    want = model_module.folded_attention(q.float(), kv.float(), bias.float(), hkv * rep)
+    got = model_module.block_attention(q, kv, bias, hkv * rep).float()
+    assert (got - want).abs().max().item() < 2e-2
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_add_rms_norm_adds_in_place_and_normalizes(dtype, tol):
     """Catches: the residual not updated in place (the next layer would read the old stream), a wrong
