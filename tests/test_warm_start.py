@@ -279,6 +279,20 @@ def test_warm_up_leaves_completions_unchanged_on_cpu(tiny_engine):
     assert after.tokens == before.tokens and not engine.runner.graphs
 
 
+def test_engine_warm_up_pays_first_request_costs_and_forgets_its_completion(tiny_engine):
+    """The start-up completion builds the tokenizer's lazy tables (~0.6 s each for Qwen's vocabulary: the
+    first real completion paid them), then leaves nothing behind: no open document, nothing learned by the
+    drafters (its text must not turn up in users' drafts), and a cold first completion the same as without it."""
+    engine, plain = tiny_engine("qwen2"), tiny_engine("qwen2")
+    engine.warmup()
+    assert {"token_bytes", "_tokens_by_bytes", "fingerprint"} <= set(vars(engine.codec))
+    assert list(engine.sessions.sessions) == [] and engine.sessions.active is None
+    assert not engine.sessions.recycling.table and not engine.sessions.workspace.text
+    assert not engine.sessions.calibration.counts
+    kwargs = dict(max_tokens=16, reuse_kv=False, type_through=False, decoding="tree")
+    assert complete(engine, UNIT * 3, **kwargs).tokens == complete(plain, UNIT * 3, **kwargs).tokens
+
+
 # -- 3. CPU threads and prompt budget -------------------------------------------------------------
 def test_omp_num_threads_is_respected():
     assert sizing.cpu_threads(env={"OMP_NUM_THREADS": "3"}, cores=64) == 3
