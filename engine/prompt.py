@@ -21,7 +21,7 @@ class PromptBudget:
     context_tokens: int = 1024  # other files of the repository, before the document
 
 
-LINE_BATCH = 64  # lines of the prefix encoded per tokenizer call while sizing its window (doubling)
+LINE_BATCH = 64  # lines of the prefix encoded per tokenizer call while sizing its window
 
 
 @dataclass(frozen=True)
@@ -42,12 +42,12 @@ def prefix_window(codec: Codec, prefix: str, budget: PromptBudget) -> tuple[int,
     tokenizer's for that text whatever the tokenizer does at line breaks.
     """
     starts: list[int] = []  # line starts from the cursor's line backwards, while the rest fits
-    end, total, batch = len(prefix), 0, LINE_BATCH
+    end, total = len(prefix), 0
     while True:
-        # The next `batch` lines backwards, encoded in one call: a line at a time, a cold 3,000-token
+        # The next LINE_BATCH lines backwards, encoded in one call: a line at a time, a cold 3,000-token
         # window cost ~6 ms of tokenizer calls.
         lines: list[tuple[int, int]] = []  # (start, end) of each line, nearest first
-        while end > 0 and len(lines) < batch:
+        while end > 0 and len(lines) < LINE_BATCH:
             start = prefix.rfind("\n", 0, end - 1) + 1
             lines.append((start, end))
             end = start
@@ -59,7 +59,6 @@ def prefix_window(codec: Codec, prefix: str, budget: PromptBudget) -> tuple[int,
         else:
             if end == 0:
                 return 0, encode(codec, prefix)
-            batch *= 2
             continue
         break
     if starts:

@@ -110,13 +110,15 @@ class Codec:
     def encode_pieces(self, pieces: list[str]) -> list[list[int]]:
         """Token ids per piece (see split_pieces), cached: a keystroke re-encodes one line, not the file."""
         cache = self._pieces
-        missing = [p for p in dict.fromkeys(pieces) if p not in cache]
-        if missing:
-            if len(cache) + len(missing) > PIECE_CACHE_LIMIT:
-                cache.clear()
-            for piece, enc in zip(missing, self.backend.encode_batch(missing, add_special_tokens=False), strict=True):
-                cache[piece] = enc.ids
-        return [cache[p] for p in pieces]
+        found = list(map(cache.get, pieces))
+        if None not in found:  # a keystroke: every piece but the typed one, at most, is known
+            return found
+        missing = list(dict.fromkeys(p for p, ids in zip(pieces, found, strict=True) if ids is None))
+        if len(cache) + len(missing) > PIECE_CACHE_LIMIT:
+            cache.clear()
+        for piece, enc in zip(missing, self.backend.encode_batch(missing, add_special_tokens=False), strict=True):
+            cache[piece] = enc.ids
+        return [ids if ids is not None else cache[p] for p, ids in zip(pieces, found, strict=True)]
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         if not text:
