@@ -111,7 +111,7 @@ class Codec:
         """Token ids per piece (see split_pieces), cached: a keystroke re-encodes one line, not the file."""
         cache = self._pieces
         found = list(map(cache.get, pieces))
-        if None not in found:  # a keystroke: every piece but the typed one, at most, is known
+        if None not in found:  # all known (most keystrokes): no missing list, no tokenizer call
             return found
         missing = list(dict.fromkeys(p for p, ids in zip(pieces, found, strict=True) if ids is None))
         if len(cache) + len(missing) > PIECE_CACHE_LIMIT:
