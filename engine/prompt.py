@@ -8,6 +8,7 @@ every keystroke: it jumps forward in coarse steps only when the budget overflows
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .tokens import FILE_SEP, Codec
@@ -42,25 +43,14 @@ def prefix_window(codec: Codec, prefix: str, budget: PromptBudget) -> tuple[int,
     tokenizer's for that text whatever the tokenizer does at line breaks.
     """
     starts: list[int] = []  # line starts from the cursor's line backwards, while the rest fits
-    end, total = len(prefix), 0
-    while True:
-        # The next LINE_BATCH lines backwards, encoded in one call: a line at a time, a cold 3,000-token
-        # window cost ~6 ms of tokenizer calls.
-        lines: list[tuple[int, int]] = []  # (start, end) of each line, nearest first
-        while end > 0 and len(lines) < LINE_BATCH:
-            start = prefix.rfind("\n", 0, end - 1) + 1
-            lines.append((start, end))
-            end = start
-        for (start, _), ids in zip(lines, codec.encode_pieces([prefix[a:b] for a, b in lines]), strict=True):
-            total += len(ids)
-            if total > budget.prefix_tokens:
-                break
-            starts.append(start)
-        else:
-            if end == 0:
-                return 0, encode(codec, prefix)
-            continue
-        break
+    total = 0
+    for start, ids in lines_backwards(codec, prefix):
+        total += len(ids)
+        if total > budget.prefix_tokens:
+            break
+        starts.append(start)
+    else:
+        return 0, encode(codec, prefix)
     if starts:
         line = prefix.count("\n", 0, starts[-1])  # the earliest fitting start's line number
         for k, start in enumerate(reversed(starts)):
@@ -69,6 +59,19 @@ def prefix_window(codec: Codec, prefix: str, budget: PromptBudget) -> tuple[int,
     # The cursor's own block of lines is over budget (very long lines): cut by tokens.
     tail = encode(codec, prefix)[-budget.prefix_tokens :] if budget.prefix_tokens > 0 else []
     return len(prefix) - len(codec.decode(tail)), tail
+
+
+def lines_backwards(codec: Codec, text: str) -> Iterator[tuple[int, list[int]]]:
+    """(start, token ids) of each line of `text`, from the last line back to the first. A batch of
+    LINE_BATCH lines per tokenizer call: a line at a time, a cold 3,000-token window cost ~6 ms."""
+    end = len(text)
+    while end > 0:
+        spans: list[tuple[int, int]] = []
+        while end > 0 and len(spans) < LINE_BATCH:
+            start = text.rfind("\n", 0, end - 1) + 1
+            spans.append((start, end))
+            end = start
+        yield from zip([a for a, _ in spans], codec.encode_pieces([text[a:b] for a, b in spans]), strict=True)
 
 
 def encode(codec: Codec, text: str) -> list[int]:

@@ -23,7 +23,8 @@ from . import Draft, match_bucket
 MAX_MATCH = 32  # a longer match says nothing more about the continuation
 
 
-def pair_code(first: int, second: int) -> int:
+def pair_code(first, second):
+    """One int64 per adjacent pair (token ids or numpy arrays of them)."""
     return first << 32 | second
 
 
@@ -35,7 +36,7 @@ class PromptLookup:
         when the model has no fill-in-the-middle); it is searched before `seq`."""
         self.text: list[int] = [*extra, *seq]
         ids = np.fromiter(self.text, dtype=np.int64, count=len(self.text))
-        codes = ids[:-1] << 32 | ids[1:]  # codes[i]: the pair that ends at token i + 1
+        codes = pair_code(ids[:-1], ids[1:])  # codes[i]: the pair that ends at token i + 1
         self._order = np.argsort(codes, kind="stable")  # stable: within a pair, earlier copies first
         self._codes = codes[self._order]
         self._recent: dict[int, list[int]] = {}  # code -> where the committed tokens' copies of a pair end
