@@ -264,13 +264,13 @@ class LeaderRunner(Runner):
         self._shapes_sent.add(shape.name)
         super().set_layout(shape, rel_pos, local)
 
-    def step(self, shape: StepShape, tokens: list[int] | Tensor, base: int, graph: bool = True):
+    def step(self, shape: StepShape, tokens: list[int] | Tensor | np.ndarray, base: int, graph: bool = True):
         if base + shape.size > self.capacity:
             return super().step(shape, tokens, base, graph)  # raises before the model runs: nothing to mirror
         if shape.name not in self._shapes_sent:
             self._send_layout(shape, shape.rel_pos, shape.local)
             self._shapes_sent.add(shape.name)
-        ids = tokens.tolist() if isinstance(tokens, Tensor) else list(tokens)
+        ids = tokens.tolist() if isinstance(tokens, Tensor | np.ndarray) else list(tokens)
         self._send({"op": "step", "shape": shape.name, "tokens": ids, "base": base, "graph": graph})
         return super().step(shape, tokens, base, graph)
 

@@ -132,7 +132,7 @@ class Runner:
 
     # -- running ------------------------------------------------------------------------------
     def step(
-        self, shape: StepShape, tokens: list[int] | Tensor, base: int, graph: bool = True
+        self, shape: StepShape, tokens: list[int] | Tensor | np.ndarray, base: int, graph: bool = True
     ) -> tuple[Tensor, Tensor | None]:
         """Run one step with its first token at slot `base`; returns (argmax [T], logits [T, V]).
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .calibration import Calibration
 from .lookahead import LookaheadConfig, NGramPool
 from .runner import Runner
 from .sources import Source
@@ -27,7 +28,7 @@ from .sources.history import HistoryLookup, SuffixAutomaton, remember
 from .sources.jacobi import JacobiWindow
 from .sources.prompt_lookup import PromptLookup
 from .sources.recycling import Recycling
-from .tree_decoding import Calibration, Drafters, TreeConfig
+from .tree_decoding import Drafters, TreeConfig
 
 DOCUMENT_HISTORY = 1 << 13  # tokens of completions kept per document
 WORKSPACE_HISTORY = 1 << 16  # and for all documents together

@@ -76,7 +76,7 @@ class StepInputs:
         host[self.ints :].view(np.bool_).reshape(T, T)[:] = np.asarray(local)
         self.layout_changed = True
 
-    def send(self, tokens: list[int] | Tensor, base: int, moves: list[tuple[int, int]] = ()) -> None:
+    def send(self, tokens: list[int] | Tensor | np.ndarray, base: int, moves: list[tuple[int, int]] = ()) -> None:
         """Set the step's tokens, base slot and slot moves and queue everything that changed to the device.
         Unused move entries copy slot 0 onto itself (decoding never moves a token there)."""
         host, T, M = self.staging.writable(), self.size, self.max_moves

@@ -11,6 +11,10 @@ A node is accepted when its parent is and its token is the parent row's greedy p
 longest accepted path plus the last accepted row's prediction is committed, so the output is
 exactly greedy decoding's.
 
+All of this runs between two GPU steps, where every microsecond of host work adds to the step: the
+trie is a set of flat arrays, and inserting, scoring, choosing, laying out and accepting are compiled
+(numba), as are the recycling tree (`sources.recycling`) and calibration (`engine/calibration.py`).
+
 The runner bakes a shape's mask into its CUDA graphs by reference, so one `StepShape` per budget
 is captured once and every step sets its positions and mask (`load`, `Runner.set_layout`).
 """
@@ -18,81 +22,134 @@ is captured once and every step sets its positions and mask (`load`, `Runner.set
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 import torch
+from numba import njit
 
+from .calibration import MAX_SOURCES, Calibration, belief
 from .runner import Runner, StepShape
 
 
-@dataclass(slots=True)
-class Node:
-    token: int
-    parent: int  # index of the parent node; -1 for the root
-    depth: int  # tokens after the root
-    prob: float = 0.0  # chance this node is accepted given that its parent is
-    score: float = 1.0  # chance it is accepted: the product of `prob` along its path
-    keys: dict[str, str] = field(default_factory=dict)  # source -> calibration key, for every source proposing it
-    children: dict[int, int] = field(default_factory=dict)  # token -> node index
-
-
 class TokenTrie:
-    """Drafts merged by shared prefix: a prefix proposed by several sources costs one row."""
+    """Drafts merged by shared prefix: a prefix proposed by several sources costs one row.
 
-    def __init__(self, root: int):
-        self.nodes = [Node(root, -1, 0)]
+    Node i (0: the root, the last committed token; parents before children) holds `token[i]`, `parent[i]`,
+    `depth[i]` (tokens after the root), `keys[i]` (per source column, the calibration key of the source's
+    guess, -1: not proposed by it), `prob[i]` (its chance to be accepted if its parent is) and `reach[i]`
+    (its chance to be accepted: the product of `prob` along its path)."""
 
-    def insert(self, tokens: tuple[int, ...] | list[int], source: str, keys: list[str]) -> None:
-        """Add one draft; `keys[i]` is the calibration key of its i-th token."""
-        self.graft(tokens, range(-1, len(tokens) - 1), source, keys)
+    def __init__(self, root: int, capacity: int = 256):
+        self.size = 1
+        self._allocate(capacity)
+        self.token[0], self.parent[0], self.depth[0], self.first_child[0], self.reach[0] = root, -1, 0, -1, 1.0
 
-    def graft(self, tokens: Sequence[int], parents: Sequence[int], source: str, keys: Sequence[str]) -> None:
-        """Add a whole draft tree at once: its node j is tokens[j] under its node parents[j] (-1: the
-        root), parents first. Cheaper than inserting each root-to-leaf path of a bushy tree."""
-        nodes = self.nodes
-        where: list[int] = []  # trie index of each grafted node
-        for token, parent, key in zip(tokens, parents, keys, strict=True):
-            at = where[parent] if parent >= 0 else 0
-            above = nodes[at]
-            child = above.children.get(token)
-            if child is None:
-                child = above.children[token] = len(nodes)
-                nodes.append(Node(token, at, above.depth + 1, keys={source: key}, children={}))
-            else:
-                nodes[child].keys.setdefault(source, key)
-            where.append(child)
+    def _allocate(self, capacity: int) -> None:
+        old = self.size
+        arrays = {"token": np.int64, "parent": np.int64, "depth": np.int64, "first_child": np.int64,
+                  "next_sibling": np.int64, "prob": np.float64, "reach": np.float64}
+        for name, dtype in arrays.items():
+            grown = np.empty(capacity, dtype)
+            if hasattr(self, name):
+                grown[:old] = getattr(self, name)[:old]
+            setattr(self, name, grown)
+        keys = np.full((capacity, MAX_SOURCES), -1, np.int64)
+        if hasattr(self, "keys"):
+            keys[:old] = self.keys[:old]
+        self.keys = keys
 
-    def score(self, prob) -> None:
-        """Set every node's acceptance chance; `prob(source, key, depth)` is one source's belief, and
-        sources agreeing on a token are treated as independent witnesses: 1 - prod(1 - p). `prob` is
-        called per node and source, so it should be cheap (`Calibration.prob` keeps its answers)."""
-        nodes = self.nodes
-        for node in nodes[1:]:  # parents are created before their children
-            miss = 1.0
-            depth = node.depth
-            for source, key in node.keys.items():
-                miss *= 1.0 - prob(source, key, depth)
-            node.prob = 1.0 - miss
-            node.score = nodes[node.parent].score * node.prob
+    def reserve(self, more: int) -> None:
+        """Room for `more` nodes."""
+        if self.size + more > len(self.token):
+            self._allocate(2 * (self.size + more))
 
-    def select(self, budget: int) -> list[int]:
+    def insert(self, tokens: Sequence[int], key: int, column: int) -> None:
+        """Add one draft; `key` is the calibration key of its tokens, `column` its source's (`Calibration`)."""
+        self.reserve(len(tokens))
+        self.size = add_path(self.token, self.parent, self.depth, self.first_child, self.next_sibling, self.keys,
+                             self.size, np.asarray(tokens, np.int64), key, column)
+
+    def child(self, node: int, token: int) -> int:
+        """The child of `node` holding `token` (-1: none)."""
+        return find_child(self.token, self.first_child, self.next_sibling, node, token)
+
+    def score(self, calibration: Calibration) -> None:
+        """Set every node's acceptance chance. Sources agreeing on a token are treated as independent
+        witnesses, each as right as it has been (`Calibration`): 1 - prod(1 - p)."""
+        score_nodes(self.parent, self.depth, self.keys, self.size, calibration.prior, calibration.accepted,
+                    calibration.offered, self.prob, self.reach)
+
+    def select(self, budget: int) -> np.ndarray:
         """The `budget` nodes most likely to be accepted, in creation order (parents before children).
-        Scores never grow along a path and the sort is stable, so a parent always ranks above its child
+        Chances never grow along a path and the sort is stable, so a parent always ranks above its child
         (on a tie too, being older): the chosen set holds each chosen node's parent."""
-        unlikely = [-node.score for node in self.nodes]
-        chosen = sorted(range(1, len(unlikely)), key=unlikely.__getitem__)[:budget]
-        chosen.sort()
-        return chosen
+        return most_likely(self.reach, self.size, budget)
 
     def path(self, node: int) -> list[int]:
         """Node indices from the root's child down to `node`."""
         out = []
         while node > 0:
             out.append(node)
-            node = self.nodes[node].parent
+            node = int(self.parent[node])
         return out[::-1]
+
+    def sources_of(self, node: int, calibration: Calibration) -> dict[str, str]:
+        """source -> calibration key, for every source that proposed `node`."""
+        return dict(calibration.names[k] for k in self.keys[node] if k >= 0)
+
+
+@njit(cache=True)
+def find_child(token, first_child, next_sibling, node, t):
+    c = first_child[node]
+    while c >= 0 and token[c] != t:
+        c = next_sibling[c]
+    return c
+
+
+@njit(cache=True)
+def add_node(token, parent, depth, first_child, next_sibling, keys, size, at, t, key, column):
+    """(the child of `at` holding t, created if new, with `key` as its source's key; the trie's new size)."""
+    c = find_child(token, first_child, next_sibling, at, t)
+    if c < 0:
+        c = size
+        size += 1
+        token[c], parent[c], depth[c] = t, at, depth[at] + 1
+        first_child[c] = -1
+        keys[c, :] = -1
+        next_sibling[c] = first_child[at]
+        first_child[at] = c
+    if keys[c, column] < 0:
+        keys[c, column] = key
+    return c, size
+
+
+@njit(cache=True)
+def add_path(token, parent, depth, first_child, next_sibling, keys, size, tokens, key, column):
+    at = 0
+    for t in tokens:
+        at, size = add_node(token, parent, depth, first_child, next_sibling, keys, size, at, t, key, column)
+    return size
+
+
+@njit(cache=True)
+def score_nodes(parent, depth, keys, size, prior, accepted, offered, prob, reach):
+    reach[0] = 1.0
+    for i in range(1, size):  # parents are created before their children
+        miss = 1.0
+        d = min(depth[i], accepted.shape[1] - 1)
+        for k in keys[i]:
+            if k >= 0:
+                miss *= 1.0 - belief(accepted[k, d], offered[k, d], prior[k])
+        prob[i] = 1.0 - miss
+        reach[i] = reach[parent[i]] * prob[i]
+
+
+@njit(cache=True)
+def most_likely(reach, size, budget):
+    order = np.argsort(-reach[1:size], kind="mergesort")[:budget] + 1
+    return np.sort(order)
 
 
 @lru_cache(maxsize=16)
@@ -107,57 +164,54 @@ def tree_shape(size: int) -> StepShape:
 class TreeStep:
     """One step's rows: tokens, positions and mask, and where each chosen trie node sits."""
 
-    tokens: list[int]
+    tokens: np.ndarray  # [T] int64
     rel_pos: np.ndarray  # [T] int64
     local: np.ndarray  # [T, T] bool
-    row_of: dict[int, int]  # trie node -> row
+    row_of: np.ndarray  # trie node -> its row (-1: not chosen; the root's is 0)
     used: int  # rows holding real tokens (the rest is padding)
-    parent_row: dict[int, int] = field(default_factory=dict)  # tree row -> the row of its parent (0: the root)
+    parent_row: np.ndarray  # [T] a tree row -> its parent's row (0: the root); -1 for the root, window and padding
 
-    def previous(self, before_root: int | None) -> list[int | None]:
-        """The token before each used row's token on its path (None where unknown: the Jacobi window)."""
-        out: list[int | None] = [before_root] + [None] * (self.used - 1)
-        for row, parent in self.parent_row.items():
-            out[row] = self.tokens[parent]
+    def previous(self, before_root: int | None) -> np.ndarray:
+        """The token before each used row's token on its path (-1 where unknown: the Jacobi window)."""
+        rows = self.parent_row[: self.used]
+        out = np.where(rows >= 0, self.tokens[np.maximum(rows, 0)], -1)
+        out[0] = -1 if before_root is None else before_root
         return out
 
 
-def rows_from_bits(masks: list[int], size: int) -> np.ndarray:
-    """[len(masks), size] bool: row r is True where bit j of masks[r] is set."""
-    width = -(-size // 8)
-    packed = np.frombuffer(b"".join(m.to_bytes(width, "little") for m in masks), np.uint8).reshape(len(masks), width)
-    return np.unpackbits(packed, axis=1, count=size, bitorder="little").view(bool)
-
-
-def build_step(size: int, trie: TokenTrie, chosen: list[int], window: StepShape | None = None,
-               window_tokens: list[int] = ()) -> TreeStep:
+def build_step(size: int, trie: TokenTrie, chosen: np.ndarray, window: StepShape | None = None,
+               window_tokens: Sequence[int] = ()) -> TreeStep:
     """Lay out the root, the Jacobi window (its rows and mask as `window` has them) and the chosen nodes."""
-    nodes = trie.nodes
-    root = nodes[0].token
     first = 1 + len(window_tokens)
     if first + len(chosen) > size:
         raise ValueError(f"{len(chosen)} tree nodes and {first} other rows exceed the {size}-row budget")
-    rel = [0] + [1] * (size - 1)
-    seen = [1 << row for row in range(size)]  # row r sees the slots of the rows whose bits are set
-    row_of: dict[int, int] = {0: 0}
-    parent_row: dict[int, int] = {}
-    tokens = [root, *window_tokens]
-    for row, i in enumerate(chosen, first):
-        node = nodes[i]
-        row_of[i] = row
-        above = parent_row[row] = row_of[node.parent]
-        tokens.append(node.token)
-        rel[row] = node.depth
-        seen[row] |= seen[above]  # what the parent sees (the root and its ancestors), and itself
-    del row_of[0]
-    rel_pos = np.array(rel, dtype=np.int64)
-    local = rows_from_bits(seen, size)
+    tokens = np.full(size, trie.token[0], np.int64)
+    tokens[1:first] = window_tokens
+    rel_pos = np.ones(size, np.int64)
+    rel_pos[0] = 0
+    local = np.zeros((size, size), np.bool_)
+    row_of = np.full(trie.size, -1, np.int64)
+    parent_row = np.full(size, -1, np.int64)
+    lay_out(trie.token, trie.parent, trie.depth, chosen, first, tokens, rel_pos, local, row_of, parent_row)
     if window is not None and window_tokens:
         rel_pos[:first] = window.rel_pos.numpy()
         local[:first, :first] = window.local.numpy()
-    used = len(tokens)
-    tokens.extend([root] * (size - used))
-    return TreeStep(tokens, rel_pos, local, row_of, used, parent_row)
+    return TreeStep(tokens, rel_pos, local, row_of, first + len(chosen), parent_row)
+
+
+@njit(cache=True)
+def lay_out(token, parent, depth, chosen, first, tokens, rel_pos, local, row_of, parent_row):
+    for r in range(len(tokens)):
+        local[r, r] = True
+    row_of[0] = 0
+    for n in range(len(chosen)):
+        i, row = chosen[n], first + n
+        row_of[i] = row
+        above = parent_row[row] = row_of[parent[i]]
+        tokens[row] = token[i]
+        rel_pos[row] = depth[i]
+        for r in range(row):  # what the parent sees: the root and its ancestors
+            local[row, r] = local[above, r]
 
 
 def load(runner: Runner, shape: StepShape, step: TreeStep) -> None:
@@ -165,13 +219,19 @@ def load(runner: Runner, shape: StepShape, step: TreeStep) -> None:
     runner.set_layout(shape, step.rel_pos, step.local)
 
 
-def accept(trie: TokenTrie, step: TreeStep, pred: list[int]) -> tuple[list[int], int]:
+def accept(trie: TokenTrie, step: TreeStep, pred: np.ndarray) -> tuple[np.ndarray, int]:
     """(accepted node indices from the root down, the greedy token after the last of them)."""
-    path: list[int] = []
-    node, row = 0, 0
+    return walk_accepted(trie.token, trie.first_child, trie.next_sibling, step.row_of, pred)
+
+
+@njit(cache=True)
+def walk_accepted(token, first_child, next_sibling, row_of, pred):
+    path = np.empty(len(pred), np.int64)
+    n, node, row = 0, 0, 0
     while True:
-        child = trie.nodes[node].children.get(pred[row])
-        if child is None or child not in step.row_of:
-            return path, pred[row]
-        path.append(child)
-        node, row = child, step.row_of[child]
+        child = find_child(token, first_child, next_sibling, node, pred[row])
+        if child < 0 or row_of[child] < 0:
+            return path[:n], pred[row]
+        path[n] = child
+        n += 1
+        node, row = child, row_of[child]

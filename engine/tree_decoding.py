@@ -13,17 +13,17 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import ClassVar
 
+import numpy as np
+
+from .calibration import Calibration
 from .decoding import DecodeState, decode_ar
 from .runner import Runner, StepShape
-from .sources import Source, prob_bucket
+from .sources import Source
 from .sources.jacobi import JacobiWindow
 from .sources.recycling import Recycling
 from .tree import TokenTrie, accept, build_step, load, tree_shape
 
 SOURCES = ("prompt", "history", "recycling", "jacobi")
-# Prior acceptance chance of a source's token before any evidence (weight PRIOR_WEIGHT observations).
-PRIORS = {"prompt": 0.4, "history": 0.5, "jacobi": 0.2, "recycling": 0.3}
-PRIOR_WEIGHT = 4.0
 WINDOW_PROBE = 8  # steps the Jacobi window gets to prove that its rows pay
 TEXT_DRAFTS = 4  # a text source's drafts per step: its best few win rows, the rest only cost host time
 
@@ -74,41 +74,6 @@ class TreeConfig:
         return text if self.sources == SOURCES else f"{text}:{'+'.join(self.sources)}"
 
 
-class Calibration:
-    """How often each source's guesses are right, learned across requests: per (source, key, depth)
-    the accepted and offered counts of tokens whose parent was right, smoothed towards a prior."""
-
-    def __init__(self):
-        self.counts: dict[tuple[str, str, int], list[float]] = {}
-        self._probs: dict[tuple[str, str, int], float] = {}  # answers until `learn` changes their counts
-
-    def prob(self, source: str, key: str, depth: int) -> float:
-        bucket = (source, key, min(depth, 8))
-        known = self._probs.get(bucket)
-        if known is not None:
-            return known
-        accepted, offered = self.counts.get(bucket, (0.0, 0.0))
-        prior = PRIORS.get(source, 0.3) if not key.startswith("p") else float(key[1:])
-        p = self._probs[bucket] = (accepted + prior * PRIOR_WEIGHT) / (offered + PRIOR_WEIGHT)
-        return p
-
-    def learn(self, trie: TokenTrie, truth: list[int]) -> None:
-        """Every node whose parent lies on the true path was a guess at truth[depth - 1]: count it."""
-        on_path = {0}
-        for i, node in enumerate(trie.nodes[1:], 1):  # parents come first
-            if node.parent not in on_path or node.depth > len(truth):
-                continue
-            right = node.token == truth[node.depth - 1]
-            if right:
-                on_path.add(i)
-            for source, key in node.keys.items():
-                bucket = (source, key, min(node.depth, 8))
-                entry = self.counts.setdefault(bucket, [0.0, 0.0])
-                entry[0] += right
-                entry[1] += 1
-                self._probs.pop(bucket, None)
-
-
 @dataclass
 class Drafters:
     """Everything that proposes drafts for one request, and the calibration that weighs them."""
@@ -117,6 +82,24 @@ class Drafters:
     recycling: Recycling | None = None  # reads each step's logits
     window: JacobiWindow | None = None  # takes rows of the step itself
     calibration: Calibration = field(default_factory=Calibration)
+
+
+def compile_host_loop() -> None:
+    """Run each compiled part of the tree loop once, on made-up tokens, with the argument types a request
+    passes: numba compiles a function on its first call (or loads it from its cache), which would otherwise
+    land on the first request (~8 s on this repository's CPU with nothing cached, ~1 s from the cache)."""
+    calibration, recycling = Calibration(), Recycling(top_k=2, max_pairs=4, vocab=8)
+    trie = TokenTrie(1)
+    key = calibration.key("prompt", "m1")
+    trie.insert((2, 3), key, calibration.column[key])
+    step_rows = np.array([1, 2], np.int64)
+    ids, probs = np.array([[2, 4], [3, 5]], np.int64), np.array([[0.6, 0.3], [0.5, 0.2]], np.float32)
+    recycling.remember(step_rows, ids, probs, np.array([0, 1], np.int64))
+    recycling.grow(trie, [0, 1], 2, 4, calibration)
+    trie.score(calibration)
+    step = build_step(8, trie, trie.select(7))
+    path, bonus = accept(trie, step, np.zeros(8, np.int64))
+    calibration.learn(trie, [*trie.token[path].tolist(), int(bonus)])
 
 
 def decode_tree(runner: Runner, state: DecodeState, cfg: TreeConfig, drafters: Drafters,
@@ -143,14 +126,15 @@ def decode_tree(runner: Runner, state: DecodeState, cfg: TreeConfig, drafters: D
         trie = TokenTrie(seq[-1])
         for source in sources:
             for draft in source.propose(seq, cfg.depth, min(room, TEXT_DRAFTS)):
-                trie.insert(draft.tokens, draft.source, [draft.key] * len(draft.tokens))
+                key = calibration.key(draft.source, draft.key)
+                trie.insert(draft.tokens, key, calibration.column[key])
         if recycling is not None:
-            tokens, parents, probs = recycling.tree(seq, cfg.depth, room)
-            trie.graft(tokens, parents, recycling.name, [prob_bucket(q) for q in probs])
+            recycling.grow(trie, seq, cfg.depth, room, calibration)
         if window is not None:
             for draft in window.propose(seq, cfg.depth, room):
-                trie.insert(draft.tokens, draft.source, [draft.key] * len(draft.tokens))
-        trie.score(calibration.prob)
+                key = calibration.key(draft.source, draft.key)
+                trie.insert(draft.tokens, key, calibration.column[key])
+        trie.score(calibration)
         chosen = trie.select(room)
         step = build_step(cfg.budget, trie, chosen, window.layout() if window else None,
                           window.tokens() if window else ())
@@ -162,13 +146,13 @@ def decode_tree(runner: Runner, state: DecodeState, cfg: TreeConfig, drafters: D
             top.queue(*recycling.top(logits, step.used))
         if pending is not None:
             pending()  # while the GPU runs the step
-        pred = greedy.values()[0].tolist()
+        pred = greedy.values()[0].numpy()
 
         path, bonus = accept(trie, step, pred)
-        commit = [trie.nodes[i].token for i in path] + [bonus]
+        commit = [*trie.token[path].tolist(), int(bonus)]
         if recycling is not None:
             ids, probs = top.values()
-            recycling.remember(step.tokens[: step.used], ids.tolist(), probs.tolist(),
+            recycling.remember(step.tokens[: step.used], ids.numpy(), probs.numpy(),
                                step.previous(seq[-2] if len(seq) > 1 else None))
         pending = partial(calibration.learn, trie, commit)
         if not overlap:
@@ -177,26 +161,28 @@ def decode_tree(runner: Runner, state: DecodeState, cfg: TreeConfig, drafters: D
         kept = state.commit(commit)
         moved = min(len(path), kept - 1)
         if moved > 0:
-            runner.move_slots([p + step.row_of[i] for i in path[:moved]], [p + 1 + k for k in range(moved)])
+            runner.move_slots((p + step.row_of[path[:moved]]).tolist(), list(range(p + 1, p + 1 + moved)))
         drafted = path[:kept]  # committed tokens that drafts got right (the bonus is the model's own)
-        for i in drafted:
-            for source in trie.nodes[i].keys:
-                state.by_source[source] = state.by_source.get(source, 0) + 1
-            if set(trie.nodes[i].keys) == {"jacobi"}:
-                window_gain += 1
-        if drafted:
+        if len(drafted):
             state.pool_hits += 1
+            proposed = trie.keys[drafted] >= 0  # [token, source column]
+            for source, column in calibration.sources.items():
+                right = int(proposed[:, column].sum()) if column < proposed.shape[1] else 0
+                if right:
+                    state.by_source[source] = state.by_source.get(source, 0) + right
+            jacobi = calibration.sources.get("jacobi")
+            if window is not None and jacobi is not None:
+                window_gain += int((proposed[:, jacobi] & (proposed.sum(1) == 1)).sum())
         for source in sources:
             source.observe(seq, kept)
         if window is not None:
-            window.update(pred)
+            window.update(pred.tolist())
             window_steps += 1
             # The window's rows must earn at least what the weakest tree rows are expected to.
             # (Rows the tree leaves empty are padding anyway: there the window costs nothing.)
             if window_steps >= WINDOW_PROBE:
-                weakest = min(trie.nodes[i].score for i in chosen) if len(chosen) >= room else 0.0
+                weakest = float(trie.reach[chosen].min()) if len(chosen) >= room else 0.0
                 if window_gain / (window_steps * window.rows) < max(weakest, 0.02):
                     window = None
     if pending is not None:
         pending()
-

@@ -6,19 +6,21 @@ weights on bench code check that the default settings really accept several toke
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import complete
 
+from engine.calibration import Calibration
 from engine.decoding import DecodeState, decode_ar
 from engine.request import CompletionRequest
 from engine.sources import Draft, match_bucket
 from engine.sources.history import HistoryLookup, SuffixAutomaton
 from engine.sources.jacobi import JacobiWindow
 from engine.sources.prompt_lookup import PromptLookup
-from engine.sources.recycling import Recycling
+from engine.sources.recycling import Recycling, pair_key
 from engine.tree import TokenTrie, accept, build_step, tree_shape
-from engine.tree_decoding import SOURCES, TEXT_DRAFTS, Calibration, Drafters, TreeConfig, decode_tree
+from engine.tree_decoding import SOURCES, TEXT_DRAFTS, Drafters, TreeConfig, decode_tree
 
 REPETITIVE = "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1)\n" * 3
 
@@ -68,62 +70,75 @@ def check_stats(state: DecodeState) -> None:
 
 
 # -- the trie and the step layout -------------------------------------------------------------------
+def put(trie: TokenTrie, cal: Calibration, tokens: tuple[int, ...], source: str, key: str) -> None:
+    k = cal.key(source, key)
+    trie.insert(tokens, k, int(cal.column[k]))
+
+
 def test_trie_shares_prefixes_and_selects_whole_paths() -> None:
     """Drafts with a common prefix share its nodes (one row each), and a budget cut keeps every chosen node's
     parent: catches a trie that duplicates prefixes or a selection that orphans a node."""
-    trie = TokenTrie(root=1)
-    trie.insert((5, 6, 7, 8), "a", ["k"] * 4)
-    trie.insert((5, 6, 9), "b", ["k"] * 3)
-    trie.insert((4,), "a", ["k"])
-    assert len(trie.nodes) == 1 + 4 + 1 + 1  # 5 and 6 are shared
-    assert trie.nodes[trie.nodes[0].children[5]].keys == {"a": "k", "b": "k"}
-    probs = {"a": 0.5, "b": 0.9}
-    trie.score(lambda source, key, depth: probs[source])
-    five = trie.nodes[trie.nodes[0].children[5]]
-    assert five.prob == pytest.approx(1 - 0.5 * 0.1)  # two sources agreeing are more likely right
-    for budget in range(len(trie.nodes)):
-        chosen = trie.select(budget)
+    trie, cal = TokenTrie(root=1, capacity=2), Calibration()  # a small capacity that inserting must grow
+    put(trie, cal, (5, 6, 7, 8), "a", "p0.5")  # keys "p<x>": a prior belief of x
+    put(trie, cal, (5, 6, 9), "b", "p0.9")
+    put(trie, cal, (4,), "a", "p0.5")
+    assert trie.size == 1 + 4 + 1 + 1  # 5 and 6 are shared
+    five = trie.child(0, 5)
+    assert trie.sources_of(five, cal) == {"a": "p0.5", "b": "p0.9"}
+    assert trie.depth[trie.child(trie.child(five, 6), 9)] == 3 and trie.child(five, 9) == -1
+    trie.score(cal)
+    assert trie.prob[five] == pytest.approx(1 - 0.5 * 0.1)  # two sources agreeing are more likely right
+    assert trie.reach[trie.child(five, 6)] == pytest.approx(trie.prob[five] ** 2)
+    for budget in range(trie.size):
+        chosen = trie.select(budget).tolist()
         assert len(chosen) == budget
-        assert all(trie.nodes[i].parent == 0 or trie.nodes[i].parent in chosen[:k] for k, i in enumerate(chosen))
+        assert all(trie.parent[i] == 0 or trie.parent[i] in chosen[:k] for k, i in enumerate(chosen))
     # Budget 3: the confident shared path 5, 6 and source b's continuation 9 beat a's lone 4 and deep 7.
-    assert [trie.nodes[i].token for i in trie.select(3)] == [5, 6, 9]
+    assert trie.token[trie.select(3)].tolist() == [5, 6, 9]
 
 
-def test_graft_merges_a_draft_tree_into_the_trie() -> None:
-    """A source's whole tree at once (node j under parents[j]) lands on the nodes that paths already made, with
-    both sources' keys, and new branches where it differs: catches a graft under the wrong parent."""
-    trie = TokenTrie(root=1)
-    trie.insert((5, 6), "a", ["k", "k"])
-    # 5 -> {6, 7}, 8: tokens [5, 6, 7, 8] with parents [-1, 0, 0, -1]
-    trie.graft([5, 6, 7, 8], [-1, 0, 0, -1], "b", ["p1", "p2", "p3", "p4"])
-    five = trie.nodes[trie.nodes[0].children[5]]
-    six = trie.nodes[five.children[6]]
-    seven = trie.nodes[five.children[7]]
-    assert len(trie.nodes) == 1 + 4 and five.keys == {"a": "k", "b": "p1"} and six.keys == {"a": "k", "b": "p2"}
-    assert seven.keys == {"b": "p3"} and seven.depth == 2 and trie.nodes[trie.nodes[0].children[8]].depth == 1
+def test_recycling_grows_into_the_trie_on_the_paths_drafts_made() -> None:
+    """The recycling tree lands on the nodes that text drafts already made, with both sources' keys, and adds
+    new branches where it differs: catches a tree grown under the wrong parent or a node made twice."""
+    trie, cal, rec = TokenTrie(root=1), Calibration(), Recycling(top_k=2)
+    put(trie, cal, (5, 6), "a", "k")
+    logits = torch.full((2, 10), -30.0)
+    logits[0, 5], logits[0, 8] = 5.0, 2.0  # after 1: 5, or 8
+    logits[1, 6], logits[1, 7] = 4.0, 4.0  # after 5: 6 or 7
+    rec.learn([1, 5], logits)
+    assert rec.grow(trie, [0, 1], depth=2, limit=4, calibration=cal) == 4
+    five, eight = trie.child(0, 5), trie.child(0, 8)
+    six, seven = trie.child(five, 6), trie.child(five, 7)
+    assert trie.size == 1 + 4 and min(five, six, seven, eight) > 0
+    assert trie.sources_of(five, cal) == {"a": "k", "recycling": "p0.9"}
+    assert trie.sources_of(six, cal) == {"a": "k", "recycling": "p0.3"}  # its probability is ~0.5
+    assert trie.sources_of(seven, cal) == {"recycling": "p0.3"} and trie.depth[seven] == 2 and trie.depth[eight] == 1
 
 
 def test_build_step_layout() -> None:
     """Each node sits at position p + depth and sees the root, its ancestors and itself; the window keeps v1's
     layout; padding rows see only themselves. Catches a mask that leaks a sibling's K/V into a node."""
-    trie = TokenTrie(root=3)
-    trie.insert((10, 11, 12), "a", ["k"] * 3)
-    trie.insert((10, 20), "a", ["k"] * 2)
-    trie.insert((30,), "a", ["k"])
-    trie.score(lambda *_: 0.5)
+    trie, cal = TokenTrie(root=3), Calibration()
+    put(trie, cal, (10, 11, 12), "a", "k")
+    put(trie, cal, (10, 20), "a", "k")
+    put(trie, cal, (30,), "a", "k")
+    trie.score(cal)
     chosen = trie.select(8)
-    assert len(chosen) == len(trie.nodes) - 1 == 5  # a budget larger than the trie takes all of it
+    assert len(chosen) == trie.size - 1 == 5  # a budget larger than the trie takes all of it
     window = JacobiWindow(2, 2, [1, 2, 3, 4, 5, 6], None)
     step = build_step(16, trie, chosen, window.layout(), window.tokens())
     first = 1 + window.rows
-    assert step.used == first + 5 and step.tokens[step.used :] == [3] * (16 - step.used)
+    assert step.used == first + 5 and step.tokens[step.used :].tolist() == [3] * (16 - step.used)
+    assert step.tokens[1:first].tolist() == window.tokens()
     assert (step.local[:first, :first] == window.layout().local.numpy()).all()
     assert (step.rel_pos[:first] == window.layout().rel_pos.numpy()).all()
-    for i, row in step.row_of.items():
-        node = trie.nodes[i]
-        assert step.tokens[row] == node.token and int(step.rel_pos[row]) == node.depth
+    for i in chosen:
+        row = step.row_of[i]
+        assert step.tokens[row] == trie.token[i] and step.rel_pos[row] == trie.depth[i]
         seen = set(step.local[row].nonzero()[0].tolist())
         assert seen == {0, row} | {step.row_of[a] for a in trie.path(i)[:-1]}
+        assert step.parent_row[row] == step.row_of[trie.parent[i]]
+    assert step.previous(7)[: first + 2].tolist() == [7] + [-1] * window.rows + [3, 10]  # rows of 10 and 11
     for row in range(step.used, 16):
         assert set(step.local[row].nonzero()[0].tolist()) == {row}
     with pytest.raises(ValueError):
@@ -132,19 +147,24 @@ def test_build_step_layout() -> None:
 
 def test_accept_walks_the_greedy_path_only() -> None:
     """Acceptance follows the parent row's prediction, never a node that was left out of the step."""
-    trie = TokenTrie(root=1)
-    trie.insert((5, 6, 7), "a", ["k"] * 3)
-    trie.insert((5, 8), "a", ["k"] * 2)
-    trie.score(lambda *_: 0.9)
+    trie, cal = TokenTrie(root=1), Calibration()
+    put(trie, cal, (5, 6, 7), "a", "k")
+    put(trie, cal, (5, 8), "a", "k")
+    trie.score(cal)
     chosen = trie.select(3)  # 5, 6, 7 (or 8): one node of depth 2 or 3 is left out
     step = build_step(8, trie, chosen)
-    pred = [0] * 8
+    pred = np.zeros(8, np.int64)
     pred[0] = 5
-    pred[step.row_of[trie.nodes[0].children[5]]] = 8 if 8 in [trie.nodes[i].token for i in chosen] else 6
+    pred[step.row_of[trie.child(0, 5)]] = 8 if 8 in trie.token[chosen] else 6
     path, bonus = accept(trie, step, pred)
-    assert [trie.nodes[i].token for i in path][:2] in ([5, 8], [5, 6])
+    assert trie.token[path].tolist()[:2] in ([5, 8], [5, 6])
+    left_out = next(t for t in (6, 7, 8) if t not in trie.token[chosen])
+    pred[step.row_of[path[-1]]] = left_out
+    path, bonus = accept(trie, step, pred)
+    assert bonus == left_out and left_out not in trie.token[path]
     pred[0] = 9  # the model disagrees at once: nothing accepted, its own token is the bonus
-    assert accept(trie, step, pred) == ([], 9)
+    path, bonus = accept(trie, step, pred)
+    assert path.tolist() == [] and bonus == 9
 
 
 # -- the sources ------------------------------------------------------------------------------------
@@ -235,17 +255,12 @@ def test_suffix_automaton_matches_and_branches() -> None:
     assert len(full.text) <= 20 and full.records[-1] == [109] * 3 and [100] * 3 not in full.records
 
 
-def leaf_paths(rec: Recycling, seq: list[int], depth: int, limit: int) -> list[tuple[tuple, tuple]]:
-    """The root-to-leaf paths of `rec.tree`, with their tokens' probabilities."""
-    tokens, parents, probs = rec.tree(seq, depth, limit)
-    out = []
-    for leaf in set(range(len(tokens))) - set(parents):
-        path, node = [], leaf
-        while node >= 0:
-            path.append(node)
-            node = parents[node]
-        out.append((tuple(tokens[i] for i in reversed(path)), tuple(probs[i] for i in reversed(path))))
-    return out
+def leaf_paths(rec: Recycling, seq: list[int], depth: int, limit: int) -> list[tuple[int, ...]]:
+    """The root-to-leaf paths of the tree `rec` grows after `seq`."""
+    trie = TokenTrie(seq[-1])
+    rec.grow(trie, seq, depth, limit, Calibration())
+    inner = set(trie.parent[1 : trie.size].tolist())
+    return [tuple(trie.token[trie.path(leaf)].tolist()) for leaf in range(1, trie.size) if leaf not in inner]
 
 
 def test_recycling_grows_the_most_probable_tree() -> None:
@@ -257,26 +272,25 @@ def test_recycling_grows_the_most_probable_tree() -> None:
     logits[1, 6], logits[1, 7] = 5.0, 1.0  # after token 4: 6, rarely 7
     logits[2, 8], logits[2, 9] = 3.0, 3.0  # after token 6: 8 or 9
     rec.learn([1, 4, 6], logits)
-    assert rec.table[1][0] == (4, 5) and rec.table[4][0] == (6, 7)
-    assert rec.table[1][1][0] == pytest.approx(torch.softmax(logits[0], -1)[4].item(), rel=1e-5)
-    drafts = leaf_paths(rec, [0, 1], depth=3, limit=4)
+    assert rec.successors(None, 1)[0] == (4, 5) and rec.successors(None, 4)[0] == (6, 7)
+    assert rec.successors(None, 1)[1][0] == pytest.approx(torch.softmax(logits[0], -1)[4].item(), rel=1e-5)
     # Best 4 nodes: 4 (.73), 4-6 (.72), 4-6-8 and 4-6-9 (.36 each) beat 5 (.27).
-    assert sorted(tokens for tokens, _ in drafts) == [(4, 6, 8), (4, 6, 9)]
-    assert all(len(probs) == len(tokens) for tokens, probs in drafts)
+    assert sorted(leaf_paths(rec, [0, 1], depth=3, limit=4)) == [(4, 6, 8), (4, 6, 9)]
     assert leaf_paths(rec, [0, 2], 3, 4) == []  # nothing known about token 2
     assert len(leaf_paths(rec, [0, 1], depth=1, limit=4)) == 2  # depth 1: just the two successors
     # Successors seen after the pair (7, 1) win over token 1's own, for that pair only.
     after_pair = torch.full((1, 10), -30.0)
     after_pair[0, 3] = 9.0
     rec.learn([1], after_pair, previous=[7])
-    assert leaf_paths(rec, [7, 1], depth=1, limit=1)[0][0] == (3,)
-    assert leaf_paths(rec, [0, 1], depth=1, limit=1)[0][0] == (3,)  # the plain table saw the newest row too
+    assert leaf_paths(rec, [7, 1], depth=1, limit=1) == [(3,)]
+    assert leaf_paths(rec, [0, 1], depth=1, limit=1) == [(3,)]  # the plain table saw the newest row too
     rec.learn([1], logits[:1], previous=[None])
-    assert leaf_paths(rec, [7, 1], 1, 1)[0][0] == (3,) and leaf_paths(rec, [0, 1], 1, 1)[0][0] == (4,)
+    assert leaf_paths(rec, [7, 1], 1, 1) == [(3,)] and leaf_paths(rec, [0, 1], 1, 1) == [(4,)]
     bounded = Recycling(top_k=1, max_pairs=8)
     for t in range(20):
         bounded.learn([t], logits[:1], previous=[100 + t])
-    assert len(bounded.pairs) <= 8 and (119, 19) in bounded.pairs and (100, 0) not in bounded.pairs
+    assert len(bounded.pairs) == 8 and pair_key(119, 19) in bounded.pairs and pair_key(111, 11) not in bounded.pairs
+    assert bounded.successors(112, 12) == bounded.successors(None, 19)  # the oldest kept pair, the newest row
 
 
 def test_calibration_learns_from_the_true_path() -> None:
@@ -286,9 +300,9 @@ def test_calibration_learns_from_the_true_path() -> None:
     before = cal.prob("prompt", "m4", 1)
     for _ in range(20):
         trie = TokenTrie(root=0)
-        trie.insert((1, 2, 3), "prompt", ["m4"] * 3)
-        trie.insert((5, 6), "jacobi", ["", ""])
-        trie.insert((1, 9), "jacobi", ["", ""])
+        put(trie, cal, (1, 2, 3), "prompt", "m4")
+        put(trie, cal, (5, 6), "jacobi", "")
+        put(trie, cal, (1, 9), "jacobi", "")
         cal.learn(trie, [1, 2, 3, 4])
     assert cal.prob("prompt", "m4", 1) > 0.85 > before
     assert cal.prob("jacobi", "", 1) == pytest.approx(0.5, abs=0.05)  # 1 right, 5 wrong
@@ -419,7 +433,7 @@ def test_tiny_overlapped_learning_equals_ar_and_loses_no_lesson(tiny_engine, arc
         decode_tree(engine.runner, state, TreeConfig(16), drafters, overlap=overlap)
         assert state.new == ar.new and state.steps < ar.steps
         assert calibration.lessons == state.steps
-        assert drafters.recycling.table and sum(o for _, o in calibration.counts.values()) > 0
+        assert len(drafters.recycling.pairs) and sum(o for _, o in calibration.counts.values()) > 0
 
 
 class AskedPromptLookup(PromptLookup):
@@ -660,7 +674,7 @@ def test_tree_host_bench_times_the_loop_and_puts_it_back(tiny_engine, tmp_path, 
     result = json.loads(capsys.readouterr().out)
     assert result["tree"] == "16,0,2,12" and result["steps"] > 0 and result["tokens_per_step"] > 1
     host = result["host_us_per_step"]
-    assert {"trie graft", "trie score", "step layout", "recycling table", "commit + stop rules"} <= set(host)
+    assert {"recycling tree", "trie score", "step layout", "recycling table", "commit + stop rules"} <= set(host)
     assert set(result["bare_steps"]) == {"decode", "tree16", "tree32", "tree64"}
     # Both replays met exactly the recorded steps (or they would have raised), and timed the loop.
     assert result["replayed_loop_us_per_step"]["passes"] == 2 and result["replayed_loop_us_per_step"]["best"] > 0

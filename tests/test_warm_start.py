@@ -17,12 +17,13 @@ import torch
 from conftest import complete
 from gguf.quants import quantize
 
-from engine import default_model, loading, sizing
+from engine import calibration, default_model, loading, sizing, tree
 from engine.errors import AheadError
 from engine.loading import build_model, load_checkpoint, release_weights, reload_weights
 from engine.lookahead import LookaheadConfig, step_shape
 from engine.prompt import PromptBudget
 from engine.runner import Captured, Runner
+from engine.sources import recycling
 from engine.warmup import capture_plan, warm_up
 
 CPU = torch.device("cpu")
@@ -287,10 +288,45 @@ def test_engine_warm_up_pays_first_request_costs_and_forgets_its_completion(tiny
     engine.warmup()
     assert {"token_bytes", "_tokens_by_bytes", "fingerprint"} <= set(vars(engine.codec))
     assert list(engine.sessions.sessions) == [] and engine.sessions.active is None
-    assert not engine.sessions.recycling.table and not engine.sessions.workspace.text
+    assert not len(engine.sessions.recycling.pairs) and not engine.sessions.workspace.text
     assert not engine.sessions.calibration.counts
     kwargs = dict(max_tokens=16, reuse_kv=False, type_through=False, decoding="tree")
     assert complete(engine, UNIT * 3, **kwargs).tokens == complete(plain, UNIT * 3, **kwargs).tokens
+
+
+COMPILED_ENTRIES = [(tree, "add_path"), (tree, "score_nodes"), (tree, "most_likely"), (tree, "lay_out"),
+                    (tree, "walk_accepted"), (calibration, "count_guesses"), (recycling, "grow_tree"),
+                    (recycling, "store_rows")]  # the tree loop's calls from Python into compiled code
+
+
+def test_warm_up_compiles_every_part_of_the_tree_loop_for_the_types_requests_pass(tiny_engine, monkeypatch):
+    """numba compiles a function for each new set of argument types on its first call (~8 s for the loop on this
+    CPU with nothing cached), so warm-up must call every compiled part with exactly the types a request's tree loop
+    passes. Catches a part left out of `compile_host_loop`, one called there with other types (a list for an
+    array, int32 for int64), and a warm-up that no longer calls it."""
+    from numba import typeof
+
+    from engine import engine as engine_module
+    from engine.tree_decoding import TreeConfig, compile_host_loop
+
+    seen: dict[str, set] = {"warm-up": set(), "request": set()}
+    phase = ["warm-up"]
+    for module, name in COMPILED_ENTRIES:
+        def recorder(*args, _compiled=getattr(module, name), _name=name):
+            seen[phase[0]].add((_name, tuple(typeof(a) for a in args)))
+            return _compiled(*args)
+        monkeypatch.setattr(module, name, recorder)
+    compile_host_loop()
+    phase[0] = "request"
+    engine = tiny_engine("qwen2")
+    complete(engine, UNIT * 3, max_tokens=24, decoding="tree", tree=TreeConfig(16))
+    names = {name for _, name in COMPILED_ENTRIES}
+    assert {name for name, _ in seen["request"]} == names == {name for name, _ in seen["warm-up"]}
+    assert seen["request"] <= seen["warm-up"]
+    called = []
+    monkeypatch.setattr(engine_module, "compile_host_loop", lambda: called.append(True))
+    engine.warmup()
+    assert called == [True]
 
 
 # -- 3. CPU threads and prompt budget -------------------------------------------------------------

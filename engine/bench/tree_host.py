@@ -27,11 +27,13 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .. import engine as engine_module
 from .. import flags, tree_decoding
+from ..calibration import Calibration
 from ..decoding import DecodeState
 from ..request import CompletionRequest
 from ..runner import DECODE, Runner, StepShape, sync
@@ -39,15 +41,15 @@ from ..sources.history import HistoryLookup
 from ..sources.prompt_lookup import PromptLookup
 from ..sources.recycling import Recycling
 from ..tree import TokenTrie, tree_shape
-from ..tree_decoding import Calibration, TreeConfig
+from ..tree_decoding import TreeConfig
 from .harness import cases_path, load_cases, warm_engine
 
 PARTS = [  # (owner, attribute, label): what the tree loop calls, timed where it is looked up
     (tree_decoding, "build_step", "step layout"),
     (tree_decoding, "load", "layout copy"), (tree_decoding, "accept", "accept"),
-    (TokenTrie, "insert", "trie insert"), (TokenTrie, "graft", "trie graft"), (TokenTrie, "score", "trie score"),
+    (TokenTrie, "insert", "trie insert"), (TokenTrie, "score", "trie score"),
     (TokenTrie, "select", "trie select"), (Calibration, "learn", "calibration (overlapped on GPU)"),
-    (Recycling, "tree", "recycling tree"), (Recycling, "top", "recycling top-k launch (overlapped)"),
+    (Recycling, "grow", "recycling tree"), (Recycling, "top", "recycling top-k launch (overlapped)"),
     (Recycling, "remember", "recycling table"), (PromptLookup, "propose", "prompt lookup"),
     (PromptLookup, "observe", "prompt lookup observe"), (HistoryLookup, "propose", "history"),
     (HistoryLookup, "observe", "history observe"), (DecodeState, "commit", "commit + stop rules"),
@@ -82,8 +84,8 @@ class ReplayMismatch(RuntimeError):
     """A replayed decode asked for other steps than the recorded one: its drafting differs."""
 
 
-def as_list(tokens: list[int] | Tensor) -> list[int]:
-    return tokens.tolist() if isinstance(tokens, Tensor) else list(tokens)
+def as_list(tokens: list[int] | Tensor | np.ndarray) -> list[int]:
+    return tokens.tolist() if isinstance(tokens, Tensor | np.ndarray) else list(tokens)
 
 
 @contextmanager

@@ -7,19 +7,25 @@ committed token through the table, best-first by the product of the stored proba
 A second table keyed by (previous token, token) is consulted first: with the small trees a CPU
 can afford, the sharper guess pays. The tables belong to the model, not to a document: they are
 shared by every request.
+
+Both run between two GPU steps, so they are arrays walked by compiled code: the token table is dense
+(a row per vocabulary id), the pair table a ring of rows found through a compiled dict.
 """
 
 from __future__ import annotations
 
-import heapq
-
+import numpy as np
 import torch
+from numba import njit, types
+from numba.typed import Dict
 from torch import Tensor
 
 from .. import kernels
+from ..calibration import Calibration
+from ..tree import TokenTrie, add_node
 
 TOP_K = 8
-MAX_PAIRS = 1 << 18  # (previous, token) entries kept (~100 MB at most); the oldest quarter goes when full
+MAX_PAIRS = 1 << 18  # (previous, token) rows kept (~17 MB); the oldest goes when a new one comes
 
 Successors = tuple[tuple[int, ...], tuple[float, ...]]  # successor ids, most probable first, and their probabilities
 
@@ -27,11 +33,15 @@ Successors = tuple[tuple[int, ...], tuple[float, ...]]  # successor ids, most pr
 class Recycling:
     name = "recycling"
 
-    def __init__(self, top_k: int = TOP_K, max_pairs: int = MAX_PAIRS):
+    def __init__(self, top_k: int = TOP_K, max_pairs: int = MAX_PAIRS, vocab: int = 1 << 12):
         self.top_k = top_k
-        self.max_pairs = max_pairs
-        self.table: dict[int, Successors] = {}  # token -> its successors
-        self.pairs: dict[tuple[int, int], Successors] = {}  # (previous, token) -> its successors
+        self.table_ids = np.full((vocab, top_k), -1, np.int32)  # token -> its successors (-1: none known)
+        self.table_probs = np.zeros((vocab, top_k), np.float32)
+        self.pairs = Dict.empty(types.int64, types.int64)  # pair_key(previous, token) -> its row in the ring
+        self.ring_ids = np.full((max_pairs, top_k), -1, np.int32)
+        self.ring_probs = np.zeros((max_pairs, top_k), np.float32)
+        self.ring_keys = np.full(max_pairs, -1, np.int64)  # the pair each ring row holds
+        self.written = np.zeros(1, np.int64)  # rows the ring has been given (the next one goes to written % size)
 
     @torch.no_grad()
     def top(self, logits: Tensor, rows: int) -> tuple[Tensor, Tensor]:
@@ -46,57 +56,167 @@ class Recycling:
     def learn(self, tokens: list[int], logits: Tensor, previous: list[int | None] | None = None) -> None:
         """Row i's input token was tokens[i], after previous[i] (None: unknown); its logits say what follows."""
         ids, probs = self.top(logits, len(tokens))
-        self.remember(tokens, ids.tolist(), probs.tolist(), previous)
+        before = np.array([-1 if p is None else p for p in previous or [None] * len(tokens)], np.int64)
+        self.remember(np.asarray(tokens, np.int64), ids.cpu().numpy(), probs.cpu().numpy(), before)
 
-    def remember(self, tokens: list[int], ids: list[list[int]], probs: list[list[float]],
-                 previous: list[int | None] | None = None) -> None:
-        """`learn` with the top-k already read back: ids[i] and probs[i] follow tokens[i]."""
-        pairs, table = self.pairs, self.table
-        for token, row_ids, row_probs, before in zip(tokens, ids, probs, previous or [None] * len(tokens), strict=True):
-            # Tuples, not the rows' lists: the garbage collector stops tracking a tuple of numbers, and it
-            # would otherwise walk every entry of these large tables.
-            entry = table[token] = (tuple(row_ids), tuple(row_probs))
-            if before is not None:
-                pairs[before, token] = entry
-        if len(pairs) > self.max_pairs:  # a daemon runs for days: keep the newest entries
-            for key in list(pairs)[: len(pairs) // 4]:
-                del pairs[key]
+    def remember(self, tokens: np.ndarray, ids: np.ndarray, probs: np.ndarray, previous: np.ndarray) -> None:
+        """`learn` with the top-k already read back: ids[i] and probs[i] follow tokens[i], which followed
+        previous[i] (-1: unknown)."""
+        if len(tokens) and tokens.max() >= len(self.table_ids):
+            self._grow(int(tokens.max()) + 1)
+        store_rows(tokens, ids, probs, previous, self.table_ids, self.table_probs, self.pairs, self.ring_ids,
+                   self.ring_probs, self.ring_keys, self.written)
+
+    def _grow(self, vocab: int) -> None:
+        size = max(vocab, 2 * len(self.table_ids))
+        ids = np.full((size, self.top_k), -1, np.int32)
+        probs = np.zeros((size, self.top_k), np.float32)
+        ids[: len(self.table_ids)], probs[: len(self.table_ids)] = self.table_ids, self.table_probs
+        self.table_ids, self.table_probs = ids, probs
 
     def successors(self, prev: int | None, token: int) -> Successors | None:
-        return self.pairs.get((prev, token)) or self.table.get(token)
+        """What the tables say follows `token` after `prev` (the pair's row, else the token's)."""
+        row = self.pairs.get(pair_key(prev, token), -1) if prev is not None else -1
+        if row >= 0:
+            ids, probs = self.ring_ids[row], self.ring_probs[row]
+        elif token < len(self.table_ids) and self.table_ids[token, 0] >= 0:
+            ids, probs = self.table_ids[token], self.table_probs[token]
+        else:
+            return None
+        return tuple(ids.tolist()), tuple(probs.tolist())
 
-    def tree(self, seq: list[int], depth: int, limit: int) -> tuple[list[int], list[int], list[float]]:
-        """The `limit`-node tree most probable under the table, grown from the last committed token:
-        (token, parent node (-1: the root), the token's own probability) per node, parents first.
+    def grow(self, trie: TokenTrie, seq: list[int], depth: int, limit: int, calibration: Calibration) -> int:
+        """Add to `trie` the `limit`-node tree most probable under the tables, grown from the last committed
+        token (its root), each node keyed by the probability bucket of its own token; returns the nodes grown.
 
         Best-first over "the j-th successor of node n": successors are stored most probable first,
-        so popping one only needs its next sibling and its own first successor on the heap."""
-        tokens: list[int] = []
-        parents: list[int] = []
-        probs: list[float] = []
-        root = seq[-1]
-        first = self.successors(seq[-2] if len(seq) > 1 else None, root)
-        if first is None or limit < 1:
-            return tokens, parents, probs
-        pairs, table = self.pairs, self.table
-        push, pop = heapq.heappush, heapq.heappop
-        # (-probability of the path, tie order, parent node, the parent path's probability, successors, j, depth)
-        heap = [(-first[1][0], 0, -1, 1.0, first, 0, 1)]
-        order = 0
-        while heap and len(tokens) < limit:
-            neg, _, parent, p_parent, succ, j, node_depth = pop(heap)
-            node = len(tokens)
-            ids, ps = succ
-            token = ids[j]
-            tokens.append(token)
-            parents.append(parent)
-            probs.append(ps[j])
-            if j + 1 < len(ids):
-                order += 1
-                push(heap, (-p_parent * ps[j + 1], order, parent, p_parent, succ, j + 1, node_depth))
-            if node_depth < depth:
-                below = pairs.get((tokens[parent] if parent >= 0 else root, token)) or table.get(token)
-                if below is not None:
-                    order += 1
-                    push(heap, (neg * below[1][0], order, node, -neg, below, 0, node_depth + 1))
-        return tokens, parents, probs
+        so taking one only needs its next sibling and its own first successor on the heap."""
+        trie.reserve(limit)
+        column = calibration.sources[self.name]
+        prev = seq[-2] if len(seq) > 1 else -1
+        trie.size, grown = grow_tree(
+            trie.token, trie.parent, trie.depth, trie.first_child, trie.next_sibling, trie.keys, trie.size, prev,
+            depth, limit, column, calibration.recycling_keys, calibration.prob_bounds, self.table_ids,
+            self.table_probs, self.pairs, self.ring_ids, self.ring_probs)
+        return grown
+
+
+@njit(cache=True)
+def pair_key(prev, token):
+    return (prev << 32) | token
+
+
+@njit(cache=True)
+def store_rows(tokens, ids, probs, previous, table_ids, table_probs, pairs, ring_ids, ring_probs, ring_keys, written):
+    size = len(ring_keys)
+    for r in range(len(tokens)):
+        t = tokens[r]
+        for j in range(ids.shape[1]):
+            table_ids[t, j], table_probs[t, j] = ids[r, j], probs[r, j]
+        if previous[r] < 0:
+            continue
+        key = pair_key(previous[r], t)
+        row = pairs[key] if key in pairs else -1
+        if row < 0:  # a new pair takes the oldest row
+            row = written[0] % size
+            written[0] += 1
+            if ring_keys[row] >= 0:
+                del pairs[ring_keys[row]]
+            ring_keys[row] = key
+            pairs[key] = row
+        for j in range(ids.shape[1]):
+            ring_ids[row, j], ring_probs[row, j] = ids[r, j], probs[r, j]
+
+
+@njit(cache=True)
+def successor_row(prev, token, table_ids, pairs):
+    """(1, the pair's ring row) or (0, the token's table row); (-1, -1) where neither is known."""
+    if prev >= 0:
+        key = pair_key(prev, token)
+        if key in pairs:
+            return 1, pairs[key]
+    if token < len(table_ids) and table_ids[token, 0] >= 0:
+        return 0, token
+    return -1, -1
+
+
+@njit(cache=True)
+def grow_tree(token, parent, depth, first_child, next_sibling, keys, size, prev, max_depth, limit, column,
+              bucket_keys, bounds, table_ids, table_probs, pairs, ring_ids, ring_probs):
+    grown = 0
+    kind, row = successor_row(prev, token[0], table_ids, pairs)
+    if kind < 0 or limit < 1:
+        return size, grown
+    # Heap entries (ordered by -path probability, then age): the j-th successor, in row `row` of table `kind`,
+    # of trie node `at` whose path has probability `p_at`.
+    cap = 2 * limit + 2
+    neg, age = np.empty(cap), np.empty(cap, np.int64)
+    e_at, e_p, e_kind, e_row, e_j = (np.empty(cap, np.int64), np.empty(cap), np.empty(cap, np.int64),
+                                     np.empty(cap, np.int64), np.empty(cap, np.int64))
+    heap = np.empty(cap, np.int64)
+    entries = 0
+    n = 0
+    first_p = np.float64(ring_probs[row, 0] if kind == 1 else table_probs[row, 0])
+    neg[0], age[0], e_at[0], e_p[0], e_kind[0], e_row[0], e_j[0] = -first_p, 0, 0, 1.0, kind, row, 0
+    heap[0], entries, n = 0, 1, 1
+    while n > 0 and grown < limit:
+        top = heap[0]
+        n -= 1
+        heap[0] = heap[n]
+        sift_down(heap, n, neg, age)
+        at, p_at, kind, row, j = e_at[top], e_p[top], e_kind[top], e_row[top], e_j[top]
+        ids = ring_ids[row] if kind == 1 else table_ids[row]
+        ps = ring_probs[row] if kind == 1 else table_probs[row]
+        p = np.float64(ps[j])
+        bucket = max(np.searchsorted(bounds, p, side="right") - 1, 0)
+        node, size = add_node(token, parent, depth, first_child, next_sibling, keys, size, at, np.int64(ids[j]),
+                              bucket_keys[bucket], column)
+        grown += 1
+        if j + 1 < len(ids):
+            neg[entries], age[entries], e_at[entries], e_p[entries] = -p_at * np.float64(ps[j + 1]), entries, at, p_at
+            e_kind[entries], e_row[entries], e_j[entries] = kind, row, j + 1
+            heap[n] = entries
+            entries += 1
+            n += 1
+            sift_up(heap, n - 1, neg, age)
+        if depth[node] < max_depth:
+            below_kind, below = successor_row(token[at], token[node], table_ids, pairs)
+            if below_kind >= 0:
+                first = np.float64(ring_probs[below, 0] if below_kind == 1 else table_probs[below, 0])
+                neg[entries], age[entries], e_at[entries], e_p[entries] = neg[top] * first, entries, node, -neg[top]
+                e_kind[entries], e_row[entries], e_j[entries] = below_kind, below, 0
+                heap[n] = entries
+                entries += 1
+                n += 1
+                sift_up(heap, n - 1, neg, age)
+    return size, grown
+
+
+@njit(cache=True)
+def before(a, b, neg, age):
+    return neg[a] < neg[b] or (neg[a] == neg[b] and age[a] < age[b])
+
+
+@njit(cache=True)
+def sift_up(heap, i, neg, age):
+    while i > 0:
+        up = (i - 1) // 2
+        if not before(heap[i], heap[up], neg, age):
+            return
+        heap[i], heap[up] = heap[up], heap[i]
+        i = up
+
+
+@njit(cache=True)
+def sift_down(heap, n, neg, age):
+    i = 0
+    while True:
+        left, best = 2 * i + 1, i
+        if left < n and before(heap[left], heap[best], neg, age):
+            best = left
+        if left + 1 < n and before(heap[left + 1], heap[best], neg, age):
+            best = left + 1
+        if best == i:
+            return
+        heap[i], heap[best] = heap[best], heap[i]
+        i = best
