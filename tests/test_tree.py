@@ -553,6 +553,17 @@ def test_tree_is_a_request_decoding_and_the_cpu_default(tiny_engine) -> None:
     assert (pinned.decoding, pinned.lookahead, pinned.tokens) == ("lookahead", "4,3,4", ar.tokens)
 
 
+def test_recycling_table_is_sized_for_the_vocabulary_once(tiny_engine) -> None:
+    """The shared table has a row per vocabulary id from the start, so no step reallocates it: grown on demand from
+    a small table, each fresh table (every bench case) paid ~6 copies of up to 5 MB for Qwen's vocabulary in its
+    first steps. Catches the table built without the model's vocabulary size."""
+    engine = tiny_engine("qwen2")
+    table = engine.sessions.recycling.table_ids
+    assert len(table) == engine.model.args.vocab_size
+    complete(engine, REPETITIVE, decoding="tree", tree=TreeConfig(16), max_tokens=24)
+    assert engine.sessions.recycling.table_ids is table and (table[:, 0] >= 0).any()
+
+
 def test_history_remembers_per_document_and_workspace(tiny_engine) -> None:
     """A completion seen before (same document, or another document of the workspace) is accepted in long
     paths; a non-persistent request leaves the document's history alone."""

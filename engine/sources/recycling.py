@@ -62,7 +62,7 @@ class Recycling:
     def remember(self, tokens: np.ndarray, ids: np.ndarray, probs: np.ndarray, previous: np.ndarray) -> None:
         """`learn` with the top-k already read back: ids[i] and probs[i] follow tokens[i], which followed
         previous[i] (-1: unknown)."""
-        if len(tokens) and tokens.max() >= len(self.table_ids):
+        if len(tokens) and tokens.max() >= len(self.table_ids):  # a table sized for the model's vocabulary never is
             self._grow(int(tokens.max()) + 1)
         store_rows(tokens, ids, probs, previous, self.table_ids, self.table_probs, self.pairs, self.ring_ids,
                    self.ring_probs, self.ring_keys, self.written)
