@@ -3,7 +3,7 @@
 One verifier (`engine/tree.py`) checks every source's guesses in a single forward, so a source
 only has to say what it believes comes next and how it would like its confidence judged:
 `Draft.key` names its calibration bucket (e.g. the length of the match it came from). Token
-Recycling knows each token's probability instead (`prob_bucket`) and grafts a whole tree.
+Recycling knows each token's probability instead (`prob_bucket`) and grows a whole tree into the trie.
 """
 
 from __future__ import annotations
