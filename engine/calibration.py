@@ -21,6 +21,8 @@ MAX_SOURCES = 8  # sources a trie node can record (the trie's key columns)
 
 
 class Calibration:
+    """Counts per (source, key) id and depth, shared by every request of an engine."""
+
     def __init__(self):
         self.ids: dict[tuple[str, str], int] = {}  # (source, key) -> key id
         self.names: list[tuple[str, str]] = []
@@ -37,9 +39,11 @@ class Calibration:
         found = self.ids.get((source, key))
         if found is not None:
             return found
-        column = self.sources.setdefault(source, len(self.sources))
-        if column >= MAX_SOURCES:
-            raise ValueError(f"more than {MAX_SOURCES} draft sources")
+        column = self.sources.get(source)
+        if column is None:
+            if len(self.sources) == MAX_SOURCES:
+                raise ValueError(f"more than {MAX_SOURCES} draft sources")
+            column = self.sources[source] = len(self.sources)
         k = self.ids[source, key] = len(self.names)
         self.names.append((source, key))
         if k == len(self.prior):
