@@ -3,7 +3,9 @@
 Per (source, key, depth) bucket it counts the guesses whose parent was right (offered) and those that
 were right too (accepted), smoothed towards a prior: a source's belief in a token is that rate. Keys are
 registered once as small integers, so that the trie stores them in an array and scoring and learning run
-compiled (`engine/tree.py`), with no Python between two GPU steps.
+compiled (`engine/tree.py`), with no Python between two GPU steps. (`TokenTrie.score` computes the same
+smoothed rate as `prob`: each compiled function calls only those of its own file, because numba's cache
+notices changes to that file alone.)
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ class Calibration:
     def prob(self, source: str, key: str, depth: int) -> float:
         """A source's belief that its guess at `depth` is right, given that the guess before it is."""
         k, d = self.key(source, key), min(depth, DEPTHS - 1)
-        return belief(self.accepted[k, d], self.offered[k, d], self.prior[k])
+        return float((self.accepted[k, d] + self.prior[k] * PRIOR_WEIGHT) / (self.offered[k, d] + PRIOR_WEIGHT))
 
     @property
     def counts(self) -> dict[tuple[str, str, int], list[float]]:
@@ -72,11 +74,6 @@ class Calibration:
         """Every node whose parent lies on the true path was a guess at truth[depth - 1]: count it."""
         count_guesses(trie.token, trie.parent, trie.depth, trie.keys, trie.size, np.asarray(truth, np.int64),
                       self.accepted, self.offered)
-
-
-@njit(cache=True)
-def belief(accepted: float, offered: float, prior: float) -> float:
-    return (accepted + prior * PRIOR_WEIGHT) / (offered + PRIOR_WEIGHT)
 
 
 @njit(cache=True)

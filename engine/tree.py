@@ -13,7 +13,8 @@ exactly greedy decoding's.
 
 All of this runs between two GPU steps, where every microsecond of host work adds to the step: the
 trie is a set of flat arrays, and inserting, scoring, choosing, laying out and accepting are compiled
-(numba), as are the recycling tree (`sources.recycling`) and calibration (`engine/calibration.py`).
+(numba), as are the recycling tree (`sources.recycling`) and calibration (`engine/calibration.py`). A
+compiled function calls only those of its own file: numba's cache notices changes to that file alone.
 
 The runner bakes a shape's mask into its CUDA graphs by reference, so one `StepShape` per budget
 is captured once and every step sets its positions and mask (`load`, `Runner.set_layout`).
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 from numba import njit
 
-from .calibration import MAX_SOURCES, Calibration, belief
+from .calibration import MAX_SOURCES, PRIOR_WEIGHT, Calibration
 from .runner import Runner, StepShape
 
 
@@ -71,6 +72,13 @@ class TokenTrie:
         self.size = add_path(self.token, self.parent, self.depth, self.first_child, self.next_sibling, self.keys,
                              self.size, np.asarray(tokens, np.int64), key, column)
 
+    def graft(self, tokens: np.ndarray, parents: np.ndarray, keys: np.ndarray, column: int) -> None:
+        """Add a whole draft tree at once: its node j is tokens[j] under its node parents[j] (-1: the root),
+        parents first, with calibration key keys[j]. Cheaper than inserting each root-to-leaf path."""
+        self.reserve(len(tokens))
+        self.size = graft_nodes(self.token, self.parent, self.depth, self.first_child, self.next_sibling, self.keys,
+                                self.size, tokens, parents, keys, column)
+
     def child(self, node: int, token: int) -> int:
         """The child of `node` holding `token` (-1: none)."""
         return find_child(self.token, self.first_child, self.next_sibling, node, token)
@@ -79,7 +87,7 @@ class TokenTrie:
         """Set every node's acceptance chance. Sources agreeing on a token are treated as independent
         witnesses, each as right as it has been (`Calibration`): 1 - prod(1 - p)."""
         score_nodes(self.parent, self.depth, self.keys, self.size, calibration.prior, calibration.accepted,
-                    calibration.offered, self.prob, self.reach)
+                    calibration.offered, PRIOR_WEIGHT, self.prob, self.reach)
 
     def select(self, budget: int) -> np.ndarray:
         """The `budget` nodes most likely to be accepted, in creation order (parents before children).
@@ -134,14 +142,24 @@ def add_path(token, parent, depth, first_child, next_sibling, keys, size, tokens
 
 
 @njit(cache=True)
-def score_nodes(parent, depth, keys, size, prior, accepted, offered, prob, reach):
+def graft_nodes(token, parent, depth, first_child, next_sibling, keys, size, tokens, parents, node_keys, column):
+    where = np.empty(len(tokens), np.int64)  # the trie node of each grafted node
+    for j in range(len(tokens)):
+        at = where[parents[j]] if parents[j] >= 0 else 0
+        where[j], size = add_node(token, parent, depth, first_child, next_sibling, keys, size, at, tokens[j],
+                                  node_keys[j], column)
+    return size
+
+
+@njit(cache=True)
+def score_nodes(parent, depth, keys, size, prior, accepted, offered, weight, prob, reach):
     reach[0] = 1.0
     for i in range(1, size):  # parents are created before their children
         miss = 1.0
         d = min(depth[i], accepted.shape[1] - 1)
         for k in keys[i]:
             if k >= 0:
-                miss *= 1.0 - belief(accepted[k, d], offered[k, d], prior[k])
+                miss *= 1.0 - (accepted[k, d] + prior[k] * weight) / (offered[k, d] + weight)
         prob[i] = 1.0 - miss
         reach[i] = reach[parent[i]] * prob[i]
 

@@ -294,9 +294,10 @@ def test_engine_warm_up_pays_first_request_costs_and_forgets_its_completion(tiny
     assert complete(engine, UNIT * 3, **kwargs).tokens == complete(plain, UNIT * 3, **kwargs).tokens
 
 
-COMPILED_ENTRIES = [(tree, "add_path"), (tree, "score_nodes"), (tree, "most_likely"), (tree, "lay_out"),
-                    (tree, "walk_accepted"), (calibration, "count_guesses"), (recycling, "grow_tree"),
-                    (recycling, "store_rows")]  # the tree loop's calls from Python into compiled code
+# The tree loop's calls from Python into compiled code.
+COMPILED_ENTRIES = [(tree, "add_path"), (tree, "graft_nodes"), (tree, "score_nodes"), (tree, "most_likely"),
+                    (tree, "lay_out"), (tree, "walk_accepted"), (calibration, "count_guesses"),
+                    (recycling, "best_first"), (recycling, "store_rows")]
 
 
 def test_warm_up_compiles_every_part_of_the_tree_loop_for_the_types_requests_pass(tiny_engine, monkeypatch):

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .. import kernels
 from ..calibration import Calibration
-from ..tree import TokenTrie, add_node
+from ..tree import TokenTrie
 
 TOP_K = 8
 MAX_PAIRS = 1 << 18  # (previous, token) rows kept (~17 MB); the oldest goes when a new one comes
@@ -91,14 +91,12 @@ class Recycling:
 
         Best-first over "the j-th successor of node n": successors are stored most probable first,
         so taking one only needs its next sibling and its own first successor on the heap."""
-        trie.reserve(limit)
-        column = calibration.sources[self.name]
         prev = seq[-2] if len(seq) > 1 else -1
-        trie.size, grown = grow_tree(
-            trie.token, trie.parent, trie.depth, trie.first_child, trie.next_sibling, trie.keys, trie.size, prev,
-            depth, limit, column, calibration.recycling_keys, calibration.prob_bounds, self.table_ids,
-            self.table_probs, self.pairs, self.ring_ids, self.ring_probs)
-        return grown
+        tokens, parents, keys = best_first(seq[-1], prev, depth, limit, calibration.recycling_keys,
+                                           calibration.prob_bounds, self.table_ids, self.table_probs, self.pairs,
+                                           self.ring_ids, self.ring_probs)
+        trie.graft(tokens, parents, keys, calibration.sources[self.name])
+        return len(tokens)
 
 
 @njit(cache=True)
@@ -141,24 +139,24 @@ def successor_row(prev, token, table_ids, pairs):
 
 
 @njit(cache=True)
-def grow_tree(token, parent, depth, first_child, next_sibling, keys, size, prev, max_depth, limit, column,
-              bucket_keys, bounds, table_ids, table_probs, pairs, ring_ids, ring_probs):
-    grown = 0
-    kind, row = successor_row(prev, token[0], table_ids, pairs)
+def best_first(root, prev, max_depth, limit, bucket_keys, bounds, table_ids, table_probs, pairs, ring_ids,
+               ring_probs):
+    """(token, parent node (-1: the root), calibration key) of each node, parents first."""
+    tokens, parents, keys = np.empty(limit, np.int64), np.empty(limit, np.int64), np.empty(limit, np.int64)
+    depth = np.empty(limit, np.int64)
+    kind, row = successor_row(prev, root, table_ids, pairs)
     if kind < 0 or limit < 1:
-        return size, grown
+        return tokens[:0], parents[:0], keys[:0]
     # Heap entries (ordered by -path probability, then age): the j-th successor, in row `row` of table `kind`,
-    # of trie node `at` whose path has probability `p_at`.
+    # of node `at` (-1: the root) whose path has probability `p_at`.
     cap = 2 * limit + 2
     neg, age = np.empty(cap), np.empty(cap, np.int64)
     e_at, e_p, e_kind, e_row, e_j = (np.empty(cap, np.int64), np.empty(cap), np.empty(cap, np.int64),
                                      np.empty(cap, np.int64), np.empty(cap, np.int64))
     heap = np.empty(cap, np.int64)
-    entries = 0
-    n = 0
     first_p = np.float64(ring_probs[row, 0] if kind == 1 else table_probs[row, 0])
-    neg[0], age[0], e_at[0], e_p[0], e_kind[0], e_row[0], e_j[0] = -first_p, 0, 0, 1.0, kind, row, 0
-    heap[0], entries, n = 0, 1, 1
+    neg[0], age[0], e_at[0], e_p[0], e_kind[0], e_row[0], e_j[0] = -first_p, 0, -1, 1.0, kind, row, 0
+    heap[0], entries, n, grown = 0, 1, 1, 0
     while n > 0 and grown < limit:
         top = heap[0]
         n -= 1
@@ -168,10 +166,11 @@ def grow_tree(token, parent, depth, first_child, next_sibling, keys, size, prev,
         ids = ring_ids[row] if kind == 1 else table_ids[row]
         ps = ring_probs[row] if kind == 1 else table_probs[row]
         p = np.float64(ps[j])
-        bucket = max(np.searchsorted(bounds, p, side="right") - 1, 0)
-        node, size = add_node(token, parent, depth, first_child, next_sibling, keys, size, at, np.int64(ids[j]),
-                              bucket_keys[bucket], column)
+        node = grown
         grown += 1
+        tokens[node], parents[node] = ids[j], at
+        keys[node] = bucket_keys[max(np.searchsorted(bounds, p, side="right") - 1, 0)]
+        depth[node] = 1 if at < 0 else depth[at] + 1
         if j + 1 < len(ids):
             neg[entries], age[entries], e_at[entries], e_p[entries] = -p_at * np.float64(ps[j + 1]), entries, at, p_at
             e_kind[entries], e_row[entries], e_j[entries] = kind, row, j + 1
@@ -180,7 +179,7 @@ def grow_tree(token, parent, depth, first_child, next_sibling, keys, size, prev,
             n += 1
             sift_up(heap, n - 1, neg, age)
         if depth[node] < max_depth:
-            below_kind, below = successor_row(token[at], token[node], table_ids, pairs)
+            below_kind, below = successor_row(root if at < 0 else tokens[at], tokens[node], table_ids, pairs)
             if below_kind >= 0:
                 first = np.float64(ring_probs[below, 0] if below_kind == 1 else table_probs[below, 0])
                 neg[entries], age[entries], e_at[entries], e_p[entries] = neg[top] * first, entries, node, -neg[top]
@@ -189,7 +188,7 @@ def grow_tree(token, parent, depth, first_child, next_sibling, keys, size, prev,
                 entries += 1
                 n += 1
                 sift_up(heap, n - 1, neg, age)
-    return size, grown
+    return tokens[:grown], parents[:grown], keys[:grown]
 
 
 @njit(cache=True)
