@@ -112,7 +112,7 @@ class SessionStore:
     def forget_learned(self) -> None:
         """Start tree decoding's shared memory afresh (benchmarks: no case may see its own earlier output)."""
         self.workspace = SuffixAutomaton(WORKSPACE_HISTORY)
-        self.recycling = Recycling(vocab=self.runner.model.args.vocab_size)  # sized once: no step grows it
+        self.recycling = Recycling(vocab=self.runner.model.args.vocab_size)  # a row for every id the model has
         self.calibration = Calibration()
 
     def drafters(self, session: Session, ids: list[int], cfg: TreeConfig, extra: Sequence[int] = (),

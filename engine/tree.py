@@ -46,6 +46,7 @@ class TokenTrie:
         self.size = 1
         self._allocate(capacity)
         self.token[0], self.parent[0], self.depth[0], self.first_child[0], self.reach[0] = root, -1, 0, -1, 1.0
+        self.keys[0] = -1
 
     def _allocate(self, capacity: int) -> None:
         old = self.size
@@ -56,7 +57,7 @@ class TokenTrie:
             if hasattr(self, name):
                 grown[:old] = getattr(self, name)[:old]
             setattr(self, name, grown)
-        keys = np.full((capacity, MAX_SOURCES), -1, np.int64)
+        keys = np.empty((capacity, MAX_SOURCES), np.int64)  # a node's row is set when it is made (`add_node`)
         if hasattr(self, "keys"):
             keys[:old] = self.keys[:old]
         self.keys = keys

@@ -286,6 +286,8 @@ def test_recycling_grows_the_most_probable_tree() -> None:
     assert leaf_paths(rec, [0, 1], depth=1, limit=1) == [(3,)]  # the plain table saw the newest row too
     rec.learn([1], logits[:1], previous=[None])
     assert leaf_paths(rec, [7, 1], 1, 1) == [(3,)] and leaf_paths(rec, [0, 1], 1, 1) == [(4,)]
+    with pytest.raises(ValueError, match="past the recycling table"):  # compiled code would write out of bounds
+        Recycling(top_k=2, vocab=4).learn([6], logits[:1])
     bounded = Recycling(top_k=1, max_pairs=8)
     for t in range(20):
         bounded.learn([t], logits[:1], previous=[100 + t])
@@ -554,9 +556,9 @@ def test_tree_is_a_request_decoding_and_the_cpu_default(tiny_engine) -> None:
 
 
 def test_recycling_table_is_sized_for_the_vocabulary_once(tiny_engine) -> None:
-    """The shared table has a row per vocabulary id from the start, so no step reallocates it: grown on demand from
-    a small table, each fresh table (every bench case) paid ~6 copies of up to 5 MB for Qwen's vocabulary in its
-    first steps. Catches the table built without the model's vocabulary size."""
+    """The shared table has a row per vocabulary id from the start, so no step reallocates it (grown on demand,
+    each fresh table, every bench case, paid ~6 copies of up to 5 MB for Qwen's vocabulary; a token past its rows
+    is now an error). Catches the table built without the model's vocabulary size."""
     engine = tiny_engine("qwen2")
     table = engine.sessions.recycling.table_ids
     assert len(table) == engine.model.args.vocab_size

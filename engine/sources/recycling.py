@@ -34,6 +34,7 @@ class Recycling:
     name = "recycling"
 
     def __init__(self, top_k: int = TOP_K, max_pairs: int = MAX_PAIRS, vocab: int = 1 << 12):
+        """`vocab`: the model's vocabulary size (the token table's rows)."""
         self.top_k = top_k
         self.table_ids = np.full((vocab, top_k), -1, np.int32)  # token -> its successors (-1: none known)
         self.table_probs = np.zeros((vocab, top_k), np.float32)
@@ -62,28 +63,18 @@ class Recycling:
     def remember(self, tokens: np.ndarray, ids: np.ndarray, probs: np.ndarray, previous: np.ndarray) -> None:
         """`learn` with the top-k already read back: ids[i] and probs[i] follow tokens[i], which followed
         previous[i] (-1: unknown)."""
-        if len(tokens) and tokens.max() >= len(self.table_ids):  # a table sized for the model's vocabulary never is
-            self._grow(int(tokens.max()) + 1)
+        if len(tokens) and tokens.max() >= len(self.table_ids):  # compiled code does not check its indices
+            raise ValueError(f"token {tokens.max()} is past the recycling table's {len(self.table_ids)} rows")
         store_rows(tokens, ids, probs, previous, self.table_ids, self.table_probs, self.pairs, self.ring_ids,
                    self.ring_probs, self.ring_keys, self.written)
 
-    def _grow(self, vocab: int) -> None:
-        size = max(vocab, 2 * len(self.table_ids))
-        ids = np.full((size, self.top_k), -1, np.int32)
-        probs = np.zeros((size, self.top_k), np.float32)
-        ids[: len(self.table_ids)], probs[: len(self.table_ids)] = self.table_ids, self.table_probs
-        self.table_ids, self.table_probs = ids, probs
-
     def successors(self, prev: int | None, token: int) -> Successors | None:
         """What the tables say follows `token` after `prev` (the pair's row, else the token's)."""
-        row = self.pairs.get(pair_key(prev, token), -1) if prev is not None else -1
-        if row >= 0:
-            ids, probs = self.ring_ids[row], self.ring_probs[row]
-        elif token < len(self.table_ids) and self.table_ids[token, 0] >= 0:
-            ids, probs = self.table_ids[token], self.table_probs[token]
-        else:
+        kind, row = successor_row(-1 if prev is None else prev, token, self.table_ids, self.pairs)
+        if kind < 0:
             return None
-        return tuple(ids.tolist()), tuple(probs.tolist())
+        ids, probs = (self.ring_ids, self.ring_probs) if kind == 1 else (self.table_ids, self.table_probs)
+        return tuple(ids[row].tolist()), tuple(probs[row].tolist())
 
     def grow(self, trie: TokenTrie, seq: list[int], depth: int, limit: int, calibration: Calibration) -> int:
         """Add to `trie` the `limit`-node tree most probable under the tables, grown from the last committed
