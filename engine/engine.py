@@ -136,7 +136,10 @@ class Engine:
         if TREE_BY_DEFAULT[self.device.type]:
             shapes.append(self.default_tree().shape())
         captured = warm_up(self.runner, shapes, self.log)
+        started = time.perf_counter()
         compile_host_loop()
+        if (took := time.perf_counter() - started) > 1.0:  # a first start compiled it; later ones load numba's cache
+            self.log(f"ahead: compiled the tree loop's host parts in {took:.1f} s (cached for later starts)")
         _ = self.codec.fingerprint  # a cached property: computed here, once
         self.complete(CompletionRequest(WARMUP_TEXT, max_tokens=4, document=WARMUP_DOCUMENT))
         self.close_document(WARMUP_DOCUMENT)
