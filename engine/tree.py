@@ -45,7 +45,14 @@ class TokenTrie:
     def __init__(self, root: int, capacity: int = 256):
         self.size = 1
         self._allocate(capacity)
-        self.token[0], self.parent[0], self.depth[0], self.first_child[0], self.reach[0] = root, -1, 0, -1, 1.0
+        self.reset(root)
+
+    def reset(self, root: int) -> None:
+        """Empty the trie down to a new root, keeping its arrays: the decode loop reuses two tries (one being
+        learned from while the other is built) instead of allocating eight arrays a step."""
+        self.size = 1
+        self.token[0], self.parent[0], self.depth[0], self.first_child[0], self.next_sibling[0] = root, -1, 0, -1, -1
+        self.reach[0] = 1.0
         self.keys[0] = -1
 
     def _allocate(self, capacity: int) -> None:
@@ -189,13 +196,12 @@ class TreeStep:
     row_of: np.ndarray  # trie node -> its row (-1: not chosen; the root's is 0)
     used: int  # rows holding real tokens (the rest is padding)
     parent_row: np.ndarray  # [T] a tree row -> its parent's row (0: the root); -1 for the root, window and padding
+    before: np.ndarray  # [T] the token before each row's token on its path (-1: unknown), laid out with it
 
     def previous(self, before_root: int | None) -> np.ndarray:
         """The token before each used row's token on its path (-1 where unknown: the Jacobi window)."""
-        rows = self.parent_row[: self.used]
-        out = np.where(rows >= 0, self.tokens[np.maximum(rows, 0)], -1)
-        out[0] = -1 if before_root is None else before_root
-        return out
+        self.before[0] = -1 if before_root is None else before_root
+        return self.before[: self.used]
 
 
 def build_step(size: int, trie: TokenTrie, chosen: np.ndarray, window: StepShape | None = None,
@@ -204,23 +210,27 @@ def build_step(size: int, trie: TokenTrie, chosen: np.ndarray, window: StepShape
     first = 1 + len(window_tokens)
     if first + len(chosen) > size:
         raise ValueError(f"{len(chosen)} tree nodes and {first} other rows exceed the {size}-row budget")
-    tokens = np.full(size, trie.token[0], np.int64)
-    tokens[1:first] = window_tokens
-    rel_pos = np.ones(size, np.int64)
-    rel_pos[0] = 0
-    local = np.zeros((size, size), np.bool_)
-    row_of = np.full(trie.size, -1, np.int64)
-    parent_row = np.full(size, -1, np.int64)
-    lay_out(trie.token, trie.parent, trie.depth, chosen, first, tokens, rel_pos, local, row_of, parent_row)
-    if window is not None and window_tokens:
-        rel_pos[:first] = window.rel_pos.numpy()
-        local[:first, :first] = window.local.numpy()
-    return TreeStep(tokens, rel_pos, local, row_of, first + len(chosen), parent_row)
+    tokens, rel_pos, local, row_of, parent_row, before = lay_out(trie.token, trie.parent, trie.depth, trie.size,
+                                                                 chosen, first, size)
+    if window_tokens:
+        tokens[1:first] = window_tokens
+        if window is not None:
+            rel_pos[:first] = window.rel_pos.numpy()
+            local[:first, :first] = window.local.numpy()
+    return TreeStep(tokens, rel_pos, local, row_of, first + len(chosen), parent_row, before)
 
 
 @njit(cache=True)
-def lay_out(token, parent, depth, chosen, first, tokens, rel_pos, local, row_of, parent_row):
-    for r in range(len(tokens)):
+def lay_out(token, parent, depth, nodes, chosen, first, size):
+    """Rows `first`.. hold the chosen nodes; the other rows the root's token at position 1, seeing themselves."""
+    tokens = np.full(size, token[0])
+    rel_pos = np.ones(size, np.int64)
+    rel_pos[0] = 0
+    local = np.zeros((size, size), np.bool_)
+    row_of = np.full(nodes, -1, np.int64)
+    parent_row = np.full(size, -1, np.int64)
+    before = np.full(size, -1, np.int64)
+    for r in range(size):
         local[r, r] = True
     row_of[0] = 0
     for n in range(len(chosen)):
@@ -228,9 +238,11 @@ def lay_out(token, parent, depth, chosen, first, tokens, rel_pos, local, row_of,
         row_of[i] = row
         above = parent_row[row] = row_of[parent[i]]
         tokens[row] = token[i]
+        before[row] = tokens[above]
         rel_pos[row] = depth[i]
         for r in range(row):  # what the parent sees: the root and its ancestors
             local[row, r] = local[above, r]
+    return tokens, rel_pos, local, row_of, parent_row, before
 
 
 def load(runner: Runner, shape: StepShape, step: TreeStep) -> None:

@@ -102,12 +102,27 @@ def compile_host_loop() -> None:
     calibration.learn(trie, [*trie.token[path].tolist(), int(bonus)])
 
 
+def learn(state: DecodeState, calibration: Calibration, trie: TokenTrie, commit: list[int],
+          drafted: np.ndarray) -> None:
+    """What a step teaches, none of which the next step waits for: the calibration's counts, and which
+    source had guessed each committed token (`drafted`: their trie nodes) for the request's figures."""
+    calibration.learn(trie, commit)
+    if not len(drafted):
+        return
+    state.pool_hits += 1
+    proposed = trie.keys[drafted] >= 0  # [token, source column]
+    for source, column in calibration.sources.items():
+        right = int(proposed[:, column].sum())
+        if right:
+            state.by_source[source] = state.by_source.get(source, 0) + right
+
+
 def decode_tree(runner: Runner, state: DecodeState, cfg: TreeConfig, drafters: Drafters,
                 overlap: bool | None = None) -> None:
     """Greedy decoding, several tokens per step where the drafts are right.
 
     With `overlap` (the default on a GPU, where a replay returns before the GPU is done) the step runs
-    while the host updates the calibration from the step before it, so that drafting, reading the
+    while the host learns from the step before it (`learn`), so that drafting, reading the
     result and the recycling table (whose freshest rows the very next tree needs) are all that sit
     between two steps."""
     if cfg.budget < 2:
@@ -119,11 +134,13 @@ def decode_tree(runner: Runner, state: DecodeState, cfg: TreeConfig, drafters: D
     window_steps = window_gain = 0
     pending: Callable[[], None] | None = None
     greedy, top = runner.read_back("tree argmax"), runner.read_back("recycling top-k")
+    tries = (TokenTrie(seq[-1]), TokenTrie(seq[-1]))  # one is built while the last step's is learned from
     while not state.done():
         p = len(seq) - 1
         rows = window.rows if window else 0
         room = cfg.budget - 1 - rows
-        trie = TokenTrie(seq[-1])
+        trie = tries[state.steps % 2]
+        trie.reset(seq[-1])
         for source in sources:
             for draft in source.propose(seq, cfg.depth, min(room, TEXT_DRAFTS)):
                 key = calibration.key(draft.source, draft.key)
@@ -154,25 +171,19 @@ def decode_tree(runner: Runner, state: DecodeState, cfg: TreeConfig, drafters: D
             ids, probs = top.values()
             recycling.remember(step.tokens[: step.used], ids.numpy(), probs.numpy(),
                                step.previous(seq[-2] if len(seq) > 1 else None))
-        pending = partial(calibration.learn, trie, commit)
+        kept = state.commit(commit)
+        drafted = path[:kept]  # committed tokens that drafts got right (the bonus is the model's own)
+        pending = partial(learn, state, calibration, trie, commit, drafted)
         if not overlap:
             pending()
             pending = None
-        kept = state.commit(commit)
         moved = min(len(path), kept - 1)
         if moved > 0:
             runner.move_slots((p + step.row_of[path[:moved]]).tolist(), list(range(p + 1, p + 1 + moved)))
-        drafted = path[:kept]  # committed tokens that drafts got right (the bonus is the model's own)
-        if len(drafted):
-            state.pool_hits += 1
+        jacobi = calibration.sources.get("jacobi")
+        if window is not None and jacobi is not None and len(drafted):
             proposed = trie.keys[drafted] >= 0  # [token, source column]
-            for source, column in calibration.sources.items():
-                right = int(proposed[:, column].sum())
-                if right:
-                    state.by_source[source] = state.by_source.get(source, 0) + right
-            jacobi = calibration.sources.get("jacobi")
-            if window is not None and jacobi is not None:
-                window_gain += int((proposed[:, jacobi] & (proposed.sum(1) == 1)).sum())
+            window_gain += int((proposed[:, jacobi] & (proposed.sum(1) == 1)).sum())
         for source in sources:
             source.observe(seq, kept)
         if window is not None:

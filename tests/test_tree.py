@@ -75,6 +75,23 @@ def put(trie: TokenTrie, cal: Calibration, tokens: tuple[int, ...], source: str,
     trie.insert(tokens, k, int(cal.column[k]))
 
 
+def test_a_reset_trie_is_a_new_one() -> None:
+    """The decode loop reuses two tries: reset to a new root, one holds exactly what a new trie would. Catches a
+    reset that leaves the old root's children reachable or keeps the old size."""
+    cal = Calibration()
+    used = TokenTrie(root=1)
+    put(used, cal, (2, 3, 4), "prompt", "m4")
+    put(used, cal, (5,), "history", "m1")
+    used.reset(7)
+    fresh = TokenTrie(root=7)
+    for trie in (used, fresh):
+        put(trie, cal, (2, 8), "prompt", "m2")
+    assert used.size == fresh.size == 3 and used.child(0, 5) == -1
+    n = used.size
+    for name in ("token", "parent", "depth", "first_child", "next_sibling", "keys"):
+        assert getattr(used, name)[:n].tolist() == getattr(fresh, name)[:n].tolist(), name
+
+
 def test_trie_shares_prefixes_and_selects_whole_paths() -> None:
     """Drafts with a common prefix share its nodes (one row each), and a budget cut keeps every chosen node's
     parent: catches a trie that duplicates prefixes or a selection that orphans a node."""
@@ -344,6 +361,27 @@ def test_tiny_verifier_with_shared_prefix_drafts_equals_ar(tiny_engine, arch: st
     assert tree.steps <= len(ar.new) // 2
     # Every token but each step's bonus (the last step's may fall past the length limit).
     assert len(ar.new) - tree.steps <= tree.by_source["scripted"] <= len(ar.new) - tree.steps + 1
+
+
+def test_learning_while_the_next_step_runs_learns_what_learning_at_once_does(tiny_engine) -> None:
+    """On a GPU each step's calibration counts and per-source tallies are made while the next step runs, from the
+    trie that step was built from, while the loop builds the next trie in a second one. Forced here on the CPU:
+    the same tokens, tallies and counts as learning at once. Catches learning from a trie already reset for the
+    next step, and the last step's lesson left unlearnt."""
+    engine = tiny_engine("qwen2")
+    ids = engine.codec.encode("def total(values):\n    s = 0\n")
+    truth = decode(engine, ids).new
+    runs = []
+    for overlap in (False, True):
+        engine.sessions.invalidate_working_cache()
+        engine.runner.prefill(ids[:-1], 0)
+        state, drafters = DecodeState(list(ids), 40, frozenset()), Drafters([Scripted(truth, len(ids))])
+        decode_tree(engine.runner, state, TreeConfig(16, 0, 1, 6, ("prompt",)), drafters, overlap=overlap)
+        runs.append((state, drafters.calibration.counts))
+    (at_once, counts), (overlapped, overlapped_counts) = runs
+    assert overlapped.new == at_once.new == truth and overlapped.accepted == at_once.accepted
+    assert overlapped.by_source == at_once.by_source and overlapped.pool_hits == at_once.pool_hits > 0
+    assert overlapped_counts == counts and sum(n for _, n in counts.values()) > 0
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])

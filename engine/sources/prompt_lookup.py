@@ -56,7 +56,8 @@ class PromptLookup:
         if end < 1:
             return []
         code = pair_code(text[end - 1], text[end])
-        lo, hi = np.searchsorted(self._codes, (code, code + 1))
+        codes = self._codes  # the method, not np.searchsorted: the wrapper costs as much as the search
+        lo, hi = codes.searchsorted(code), codes.searchsorted(code, "right")
         ends = [*(self._order[lo:hi] + 1).tolist(), *self._recent.get(code, ())]  # oldest first
         found = []
         for i in ends:

@@ -63,10 +63,10 @@ class Recycling:
     def remember(self, tokens: np.ndarray, ids: np.ndarray, probs: np.ndarray, previous: np.ndarray) -> None:
         """`learn` with the top-k already read back: ids[i] and probs[i] follow tokens[i], which followed
         previous[i] (-1: unknown)."""
-        if len(tokens) and tokens.max() >= len(self.table_ids):  # compiled code does not check its indices
-            raise ValueError(f"token {tokens.max()} is past the recycling table's {len(self.table_ids)} rows")
-        store_rows(tokens, ids, probs, previous, self.table_ids, self.table_probs, self.pairs, self.ring_ids,
-                   self.ring_probs, self.ring_keys, self.written)
+        past = store_rows(tokens, ids, probs, previous, self.table_ids, self.table_probs, self.pairs, self.ring_ids,
+                          self.ring_probs, self.ring_keys, self.written)
+        if past >= 0:
+            raise ValueError(f"token {past} is past the recycling table's {len(self.table_ids)} rows")
 
     def successors(self, prev: int | None, token: int) -> Successors | None:
         """What the tables say follows `token` after `prev` (the pair's row, else the token's)."""
@@ -97,6 +97,10 @@ def pair_key(prev, token):
 
 @njit(cache=True)
 def store_rows(tokens, ids, probs, previous, table_ids, table_probs, pairs, ring_ids, ring_probs, ring_keys, written):
+    """Returns -1, or a token past the table's rows (then nothing was stored: compiled code checks no index)."""
+    for t in tokens:
+        if t >= len(table_ids):
+            return t
     size = len(ring_keys)
     for r in range(len(tokens)):
         t = tokens[r]
@@ -115,6 +119,7 @@ def store_rows(tokens, ids, probs, previous, table_ids, table_probs, pairs, ring
             pairs[key] = row
         for j in range(ids.shape[1]):
             ring_ids[row, j], ring_probs[row, j] = ids[r, j], probs[r, j]
+    return -1
 
 
 @njit(cache=True)
