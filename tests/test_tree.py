@@ -713,13 +713,14 @@ def test_tree_host_bench_times_the_loop_and_puts_it_back(tiny_engine, tmp_path, 
     from engine import engine as engine_module
     from engine import flags
     from engine.bench import tree_host
+    from engine.staging import ReadBack
 
     engine = tiny_engine("qwen2", max_seq_len=1024)
     cases = tmp_path / "cases.jsonl"
     cases.write_text(json.dumps({"prefix": REPETITIVE, "suffix": "\n"}) + "\n")
     monkeypatch.setattr(flags, "engine_from_args", lambda args: engine)
     originals = [getattr(owner, name) for owner, name, _ in tree_host.PARTS]
-    decode_tree, top = engine_module.decode_tree, Recycling.top
+    decode_tree, top, values = engine_module.decode_tree, Recycling.top, ReadBack.values
     assert tree_host.main(["--cases", str(cases), "--limit", "1", "--max-tokens", "24", "--tree", "16",
                            "--replays", "2"]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -727,10 +728,12 @@ def test_tree_host_bench_times_the_loop_and_puts_it_back(tiny_engine, tmp_path, 
     host = result["host_us_per_step"]
     assert {"recycling tree", "trie score", "step layout", "recycling table", "commit + stop rules"} <= set(host)
     assert set(result["bare_steps"]) == {"decode", "tree16", "tree32", "tree64"}
+    path = result["critical_path_us"]
+    assert set(path) == {"host", "launch", "wait"} and path["host"] > 0 and path["launch"] > 0
     # Both replays met exactly the recorded steps (or they would have raised), and timed the loop.
     assert result["replayed_loop_us_per_step"]["passes"] == 2 and result["replayed_loop_us_per_step"]["best"] > 0
     assert [getattr(owner, name) for owner, name, _ in tree_host.PARTS] == originals
-    assert (engine_module.decode_tree, Recycling.top) == (decode_tree, top)
+    assert (engine_module.decode_tree, Recycling.top, ReadBack.values) == (decode_tree, top, values)
     assert "step" not in vars(engine.runner) and "_forward" not in vars(engine.runner)
 
 

@@ -8,6 +8,9 @@ for the GPU's own share, and prints one JSON object:
 
     python -m engine.bench.tree_host --model qwen.gguf [--cases cases.jsonl] [--limit 16] [--tree 48,0,2]
 
+`critical_path_us` says what a step waits on in the timed run: the host's work from reading one step's argmax
+to asking for the next (the GPU idles), the launch call, and the wait for the GPU's result.
+
 The timed run also records every step's outputs. `--replays` passes then decode the same cases with
 each step answered from that recording: the whole loop's host work, and nothing else, per step. Two
 builds whose drafting agrees replay the same steps, so their host work compares without the GPU's
@@ -40,6 +43,7 @@ from ..runner import DECODE, Runner, StepShape, sync
 from ..sources.history import HistoryLookup
 from ..sources.prompt_lookup import PromptLookup
 from ..sources.recycling import Recycling
+from ..staging import ReadBack
 from ..tree import TokenTrie, tree_shape
 from ..tree_decoding import TreeConfig
 from .harness import cases_path, load_cases, warm_engine
@@ -78,6 +82,45 @@ def timed(parts: list[tuple[object, str, str]], spent: Counter) -> Iterator[None
     finally:
         for owner, name, fn in originals:
             setattr(owner, name, fn)
+
+
+@contextmanager
+def critical_path(runner: Runner, spans: dict[str, list[float]]) -> Iterator[None]:
+    """Per tree step, into `spans` (seconds): "host" from reading a step's argmax to asking for the next step
+    (the GPU idles meanwhile), "launch" inside `runner.step` until it returns (the GPU starts at its end) and
+    "wait" for the argmax (the GPU's share left after the launch). The parts' own timers, if any, count in."""
+    values, step = ReadBack.values, vars(runner).get("step")
+    ready: list[float] = []
+
+    def read(self: ReadBack) -> tuple[Tensor, ...]:
+        started = time.perf_counter()
+        out = values(self)
+        if self is runner.read_back("tree argmax"):
+            now = time.perf_counter()
+            spans["wait"].append(now - started)
+            ready[:] = [now]
+        return out
+
+    def launch(shape: StepShape, tokens: list[int] | Tensor | np.ndarray, base: int, graph: bool = True):
+        started = time.perf_counter()
+        tree = shape.name.startswith("tree")
+        if tree and ready:
+            spans["host"].append(started - ready[0])
+        ready.clear()
+        out = (step or type(runner).step.__get__(runner))(shape, tokens, base, graph)
+        if tree:
+            spans["launch"].append(time.perf_counter() - started)
+        return out
+
+    ReadBack.values, runner.step = read, launch
+    try:
+        yield
+    finally:
+        ReadBack.values = values
+        if step is None:
+            del runner.step
+        else:
+            runner.step = step
 
 
 class ReplayMismatch(RuntimeError):
@@ -190,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
             yield CompletionRequest(case["prefix"], case["suffix"], document=f"{tag}-{i}",
                                     max_tokens=args.max_tokens, decoding="tree", tree=cfg)
 
-    with timed(PARTS, spent), recording(engine.runner, log):
+    spans: dict[str, list[float]] = {"host": [], "launch": [], "wait": []}
+    with timed(PARTS, spent), recording(engine.runner, log), critical_path(engine.runner, spans):
         for request in requests("timed"):
             done = engine.complete(request)
             steps, tokens, step_ms = steps + done.steps, tokens + len(done.tokens), step_ms + done.step_ms
@@ -208,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         "step_ms_median": round(statistics.median(step_ms), 3) if step_ms else None,
         "step_ms_mean": round(statistics.fmean(step_ms), 3) if step_ms else None,
         "host_us_per_step": {label: round(s * 1e6 / max(steps, 1), 1) for label, s in spent.most_common()},
+        # what a tree step waits on (mean µs): host work between two steps, the launch, then the GPU
+        "critical_path_us": {name: round(statistics.fmean(t) * 1e6, 1) if t else None for name, t in spans.items()},
         # the whole tree loop with every step answered from the recording: its host work only
         "replayed_loop_us_per_step": {"best": round(min(passes), 1), "median": round(statistics.median(passes), 1),
                                       "passes": len(passes)} if passes else None,
