@@ -18,7 +18,7 @@ import numpy as np
 from .calibration import Calibration
 from .decoding import DecodeState, decode_ar
 from .runner import Runner, StepShape
-from .sources import Source
+from .sources import Draft, Source
 from .sources.jacobi import JacobiWindow
 from .sources.recycling import Recycling
 from .tree import TokenTrie, accept, build_step, load, tree_shape
@@ -102,6 +102,13 @@ def compile_host_loop() -> None:
     calibration.learn(trie, [*trie.token[path].tolist(), int(bonus)])
 
 
+def insert_drafts(trie: TokenTrie, drafts: list[Draft], calibration: Calibration) -> None:
+    """Merge a source's drafts into the trie, each under its calibration key."""
+    for draft in drafts:
+        key = calibration.key(draft.source, draft.key)
+        trie.insert(draft.tokens, key, calibration.column[key])
+
+
 def learn(state: DecodeState, calibration: Calibration, trie: TokenTrie, commit: list[int],
           drafted: np.ndarray) -> None:
     """What a step teaches, none of which the next step waits for: the calibration's counts, and which
@@ -142,15 +149,11 @@ def decode_tree(runner: Runner, state: DecodeState, cfg: TreeConfig, drafters: D
         trie = tries[state.steps % 2]
         trie.reset(seq[-1])
         for source in sources:
-            for draft in source.propose(seq, cfg.depth, min(room, TEXT_DRAFTS)):
-                key = calibration.key(draft.source, draft.key)
-                trie.insert(draft.tokens, key, calibration.column[key])
+            insert_drafts(trie, source.propose(seq, cfg.depth, min(room, TEXT_DRAFTS)), calibration)
         if recycling is not None:
             recycling.grow(trie, seq, cfg.depth, room, calibration)
         if window is not None:
-            for draft in window.propose(seq, cfg.depth, room):
-                key = calibration.key(draft.source, draft.key)
-                trie.insert(draft.tokens, key, calibration.column[key])
+            insert_drafts(trie, window.propose(seq, cfg.depth, room), calibration)
         trie.score(calibration)
         chosen = trie.select(room)
         step = build_step(cfg.budget, trie, chosen, window.layout() if window else None,
@@ -180,13 +183,13 @@ def decode_tree(runner: Runner, state: DecodeState, cfg: TreeConfig, drafters: D
         moved = min(len(path), kept - 1)
         if moved > 0:
             runner.move_slots((p + step.row_of[path[:moved]]).tolist(), list(range(p + 1, p + 1 + moved)))
-        jacobi = calibration.sources.get("jacobi")
-        if window is not None and jacobi is not None and len(drafted):
-            proposed = trie.keys[drafted] >= 0  # [token, source column]
-            window_gain += int((proposed[:, jacobi] & (proposed.sum(1) == 1)).sum())
         for source in sources:
             source.observe(seq, kept)
         if window is not None:
+            jacobi = calibration.sources.get("jacobi")
+            if jacobi is not None and len(drafted):  # committed tokens the window alone had guessed
+                proposed = trie.keys[drafted] >= 0  # [token, source column]
+                window_gain += int((proposed[:, jacobi] & (proposed.sum(1) == 1)).sum())
             window.update(pred.tolist())
             window_steps += 1
             # The window's rows must earn at least what the weakest tree rows are expected to.
