@@ -194,6 +194,11 @@ def grouped(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> bool:
     return can_use_cudnn_attention(SDPAParams(q, k, v, mask, 0.0, False, True))
 
 
+def project(layer: nn.Linear, x: Tensor) -> Tensor:
+    """A projection: on CUDA `kernels.linear` (Triton kernels for a decoding step's few rows), else nn.Linear."""
+    return kernels.linear(x, layer.weight, layer.bias) if kernels.usable(x) else layer(x)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, shard: Shard = WHOLE):
         super().__init__()
@@ -209,14 +214,14 @@ class Attention(nn.Module):
                 decoding: bool = False) -> Tensor:
         # x: [T, dim]; kv: this layer's cache [2, H_kv, S, D]; bias: [T, L] additive mask over slots [0, L).
         fused = kernels.usable(x)
-        q = (kernels.rope_and_cache if fused else rope_and_cache)(self.wqkv(x), *rope, slots, kv, self.n_heads)
+        q = (kernels.rope_and_cache if fused else rope_and_cache)(project(self.wqkv, x), *rope, slots, kv, self.n_heads)
         if x.shape[0] >= BLOCK_ATTENTION_MIN_TOKENS and not (fused and decoding):
             out = block_attention(q, kv, bias, self.n_heads)
         elif fused:
             out = kernels.attention(q, kv, bias, self.n_heads)
         else:
             out = folded_attention(q, kv, bias, self.n_heads)
-        return self.shard.all_reduce(self.wo(out))
+        return self.shard.all_reduce(project(self.wo, out))
 
 
 class FeedForward(nn.Module):
@@ -228,9 +233,9 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(self.intermediate_size, args.dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate_up = self.w13(x)
+        gate_up = project(self.w13, x)
         if kernels.usable(x):
-            return self.shard.all_reduce(self.w2(kernels.silu_mul(gate_up)))
+            return self.shard.all_reduce(project(self.w2, kernels.silu_mul(gate_up)))
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.shard.all_reduce(self.w2(F.silu(gate) * up))
 
@@ -300,7 +305,7 @@ class Transformer(nn.Module):
             for i, layer in enumerate(self.layers):
                 after = self.layers[i + 1].attention_norm if i + 1 < len(self.layers) else self.norm
                 h = layer.fused(x, h, after, rope, slots, bias, self.kv[i], decoding=logits)
-            return self.output(h) if logits else x
+            return project(self.output, h) if logits else x
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, slots, bias, self.kv[i])
         if not logits:

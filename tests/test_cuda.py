@@ -182,6 +182,52 @@ def test_add_rms_norm_adds_in_place_and_normalizes(dtype, tol):
     assert (got.float() - want).abs().max().item() < tol * want.abs().max().item()
 
 
+@pytest.mark.parametrize("rows", [1, 2, 5, 48, 64, 65])
+@pytest.mark.parametrize("n,k,bias", [(2048, 1536, True), (1536, 8960, False), (17920, 1536, False),
+                                      (1000, 1500, True)])
+def test_linear_is_torchs_linear(rows, n, k, bias):
+    """The decoding steps' projection kernels against F.linear in fp32, on the 1.5B's shapes and a ragged one
+    (N and K not multiples of any tile). Catches a dropped bias, the last program's spare rows stored over
+    the next row's output, columns past K read as weights, the first (preloaded) tile counted twice or
+    skipped, and rows of a step past the first left out."""
+    from engine import kernels
+
+    torch.manual_seed(rows)
+    x = torch.randn(rows, k, device="cuda")
+    w = torch.randn(n, k, device="cuda") * k**-0.5
+    b = torch.randn(n, device="cuda") if bias else None
+    want = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    got = kernels.linear(x, w, b)
+    assert got.shape == (rows, n)
+    assert (got.double() - want).abs().max().item() < 1e-4
+    got = kernels.linear(x.bfloat16(), w.bfloat16(), None if b is None else b.bfloat16())
+    assert (got.double() - want).abs().max().item() < 0.05 * want.abs().max().item()
+
+
+def test_dependent_launches_change_no_result(monkeypatch):
+    """With programmatic dependent launch each kernel may start before the one it depends on has finished;
+    it must wait before reading that one's output. Graph-replayed decode steps and a tree-sized step give
+    bit-identical logits with PDL on and off: a kernel that read its input before waiting would race."""
+    from engine import kernels
+
+    if not kernels._launch_options(torch.device("cuda"))["PDL"]:
+        pytest.skip("programmatic dependent launch needs Hopper or later")
+    torch.manual_seed(0)
+    ids = torch.randint(0, 512, (400,)).tolist()
+    outs = []
+    for off in ("", "1"):
+        monkeypatch.setenv("AHEAD_NO_PDL", off)
+        kernels._launch_options.cache_clear()
+        runner = Runner(tiny_model(torch.bfloat16), use_graphs=True)
+        runner.prefill(ids[:300], 0)
+        rows = [runner.step(DECODE, [ids[i]], i)[1].clone() for i in range(300, 340)]
+        rows.append(runner.step(causal_shape(48, logits=True), ids[340:388], 340)[1].clone())
+        outs.append(rows)
+    kernels._launch_options.cache_clear()
+    for a, b in zip(*outs, strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("rows,vocab", [(64, 151936), (3, 1000), (2, 4097)])
 def test_top_k_probs_are_torchs_topk_and_softmax(rows, vocab):
     """The recycling table's top-k kernel: torch's ids (most likely first) and softmax probabilities. Catches
