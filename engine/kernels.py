@@ -51,16 +51,22 @@ if triton is not None:
     def _rope_cache_kernel(
         qkv, cos, sin, slots, kv, q_out, T, S,
         H: tl.constexpr, HKV: tl.constexpr, REP: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
-        PDL: tl.constexpr,
+        PARTS: tl.constexpr, PDL: tl.constexpr,
     ):
+        # qkv: [T, (H + 2 HKV) D], or PARTS partial sums of it (`linear(..., parts=True)`) added up here
         t = tl.program_id(0)
         h = tl.program_id(1)
         _await_inputs(PDL)
         half = HALF
         offs = tl.arange(0, HALF)
-        row = qkv + t * (H + 2 * HKV) * D + h * D
-        x1 = tl.load(row + offs).to(tl.float32)
-        x2 = tl.load(row + half + offs).to(tl.float32)
+        x1 = tl.zeros([HALF], tl.float32)
+        x2 = tl.zeros([HALF], tl.float32)
+        for part in tl.static_range(PARTS):
+            row = qkv + (part * T + t) * (H + 2 * HKV) * D + h * D
+            x1 += tl.load(row + offs).to(tl.float32)
+            x2 += tl.load(row + half + offs).to(tl.float32)
+        x1 = x1.to(q_out.dtype.element_ty).to(tl.float32)  # rounded where one whole product would be
+        x2 = x2.to(q_out.dtype.element_ty).to(tl.float32)
         slot = tl.load(slots + t)
         if h < H + HKV:
             c = tl.load(cos + t * half + offs)
@@ -154,24 +160,36 @@ if triton is not None:
         tl.store(out + (t * HKV * REP + h) * D + dims, o.to(out.dtype.element_ty))
 
     @triton.jit
-    def _silu_mul_kernel(x, out, inter, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    def _silu_mul_kernel(x, out, T, inter, PARTS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        # x: [T, 2I], or PARTS partial sums of it added up here
         t = tl.program_id(0)
         _await_inputs(PDL)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         ok = offs < inter
-        gate = tl.load(x + t * 2 * inter + offs, mask=ok, other=0.0).to(tl.float32)
-        up = tl.load(x + t * 2 * inter + inter + offs, mask=ok, other=0.0).to(tl.float32)
+        gate = tl.zeros([BLOCK], tl.float32)
+        up = tl.zeros([BLOCK], tl.float32)
+        for part in tl.static_range(PARTS):
+            row = x + (part * T + t) * 2 * inter
+            gate += tl.load(row + offs, mask=ok, other=0.0).to(tl.float32)
+            up += tl.load(row + inter + offs, mask=ok, other=0.0).to(tl.float32)
+        gate = gate.to(out.dtype.element_ty).to(tl.float32)
+        up = up.to(out.dtype.element_ty).to(tl.float32)
         y = gate / (1.0 + tl.exp(-gate)) * up
         tl.store(out + t * inter + offs, y.to(out.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _add_rms_norm_kernel(x, delta, weight, normed, dim, eps, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    def _add_rms_norm_kernel(x, delta, weight, normed, T, dim, eps, PARTS: tl.constexpr, BLOCK: tl.constexpr,
+                             PDL: tl.constexpr):
+        # delta: [T, dim], or PARTS partial sums of it added up here
         t = tl.program_id(0)
         _await_inputs(PDL)
         offs = tl.arange(0, BLOCK)
         ok = offs < dim
+        d = tl.zeros([BLOCK], tl.float32)
+        for part in tl.static_range(PARTS):
+            d += tl.load(delta + (part * T + t) * dim + offs, mask=ok, other=0.0).to(tl.float32)
         y = tl.load(x + t * dim + offs, mask=ok, other=0.0).to(tl.float32)
-        y += tl.load(delta + t * dim + offs, mask=ok, other=0.0).to(tl.float32)
+        y += d.to(x.dtype.element_ty).to(tl.float32)
         y = y.to(x.dtype.element_ty)  # the residual stream keeps the weights' dtype, as `x + delta` would
         tl.store(x + t * dim + offs, y, mask=ok)
         y = y.to(tl.float32)
@@ -200,16 +218,18 @@ if triton is not None:
         tl.store(y + rows, out.to(y.dtype.element_ty), mask=rows < N)
 
     @triton.jit
-    def _skinny_kernel(x, w, b, y, M, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    def _skinny_kernel(x, w, b, y, M, N, K, chunk, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
-        # y[M, N] = x[M, K] @ w[N, K]^T (+ b) for a few rows (M <= BM): each program owns BN outputs of every row.
+        # y = x[M, K] @ w[N, K]^T (+ b) for a few rows (M <= BM): a program owns BN outputs of every row over
+        # `chunk` columns (program_id 1 picks which); with several chunks y holds their partial sums [chunks, M, N].
         outs = tl.program_id(0) * BN + tl.arange(0, BN)
         outs_in = tl.minimum(outs, N - 1)
+        part = tl.program_id(1)
         rows = tl.arange(0, BM)
         ks = tl.arange(0, BK)
         _await_inputs(PDL)
         acc = tl.zeros([BM, BN], tl.float32)
-        for k0 in range(0, K, BK):
+        for k0 in range(part * chunk, tl.minimum(part * chunk + chunk, K), BK):
             c = k0 + ks
             xt = tl.load(x + rows[:, None] * K + c[None, :], mask=(rows < M)[:, None] & (c < K)[None, :], other=0.0)
             wt = tl.load(w + outs_in[:, None] * K + c[None, :], mask=(c < K)[None, :], other=0.0)
@@ -218,8 +238,8 @@ if triton is not None:
             else:
                 acc = tl.dot(xt, tl.trans(wt), acc)
         if HAS_BIAS:
-            acc += tl.load(b + outs_in).to(tl.float32)[None, :]
-        tl.store(y + rows[:, None] * N + outs[None, :], acc.to(y.dtype.element_ty),
+            acc += tl.where(part == 0, tl.load(b + outs_in).to(tl.float32), 0.0)[None, :]
+        tl.store(y + (part * M + rows[:, None]) * N + outs[None, :], acc.to(y.dtype.element_ty),
                  mask=(rows < M)[:, None] & (outs < N)[None, :])
 
     @triton.jit
@@ -274,8 +294,7 @@ def _launch_options(device: torch.device) -> dict:
 
 
 SHARED_MEMORY_BUDGET = 160 * 1024  # bytes of pipelined tiles a program may hold (Hopper has 227 KB a block)
-SKINNY_MAX_ROWS = 64  # a step of up to this many rows may run `_skinny_kernel`; longer (prefill) chunks use cuBLAS
-SKINNY_MAX_WEIGHTS = 8 << 20  # ... on a weight of at most this many elements: past it cuBLAS kept up or won
+SKINNY_MAX_ROWS = 64  # a step of up to this many rows runs `_skinny_kernel`; longer (prefill) chunks use cuBLAS
 
 
 def gemv_config(n: int, k: int) -> tuple[int, int, int]:
@@ -287,40 +306,78 @@ def gemv_config(n: int, k: int) -> tuple[int, int, int]:
     return (4 if n >= 2048 else 2), min(2048, triton.next_power_of_2(k)), 8
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+def skinny_config(m: int, n: int, k: int) -> tuple[int, int, int, int, int, int] | None:
+    """(row block, outputs a program, columns a step, warps, stages, column chunks) for a step of 2..64 rows, or
+    None where cuBLAS does better. From a sweep at 48 rows on an H200 over the 1.5B's and the 7B's shapes (µs,
+    cuBLAS -> this): 1.5B q/k/v 5.2 -> 3.8, output 5.4 -> 3.6, gate/up 18.5 -> 17.5, down 12.4 -> 9.5, LM head
+    121 -> 118; 7B output 12.2 -> 8.8, down 42.3 -> 38.2, q/k/v 10.9 -> 12.3 (kept: <1% of its step); the 7B's
+    gate/up 71.7 against 74.9 at best, so wide outputs over long rows stay with cuBLAS. Narrow outputs are
+    split into column chunks (partial sums) so that a few hundred programs share the weight."""
+    bm = max(16, triton.next_power_of_2(m))
+    if n >= 8192:
+        if k > 2048:
+            return None
+        return (bm, 128, 64, 4, 3, 1) if n >= 65536 else (bm, 128, 64, 8, 4, 1)
+    bn = 32 if n <= 2048 else 64
+    if k < 4096:
+        return bm, bn, 128, 4, 4, 2
+    chunks = 1 << (triton.cdiv(384, triton.cdiv(n, bn)).bit_length() - 1)  # ~384 programs, a power of two
+    return bm, bn, 128, 4, 3, max(1, min(16, chunks))
+
+
+SKINNY_CONFIG = skinny_config  # what `linear` calls: a probe may swap in another
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, parts: bool = False) -> Tensor:
     """x @ weight.T (+ bias) for x [T, K]; the same as F.linear up to the order of its sums.
 
-    One row (an AR step): `_gemv_kernel`. A few rows on a small weight (a tree step's attention projections
-    on the 1.5B): `_skinny_kernel`, 16 outputs a program. The rest is cuBLAS's: on an H200 at 48 rows it
-    matched these kernels on the 1.5B's gate/up and down projections and beat them on the 7B's."""
+    One row (an AR step): `_gemv_kernel`. Up to SKINNY_MAX_ROWS rows (a tree step): `_skinny_kernel` where
+    `skinny_config` has one. Else (prefill chunks) cuBLAS. With `parts` the result is [chunks, T, N]: partial
+    sums over chunks of the columns (fp32 if more than one) for the next kernel to add (`rope_and_cache`,
+    `silu_mul`, `add_rms_norm`).
+    """
     T, K = x.shape
     N = weight.shape[0]
-    if T > 1 and (T > SKINNY_MAX_ROWS or N * K > SKINNY_MAX_WEIGHTS):
-        return torch.nn.functional.linear(x, weight, bias)
+    config = SKINNY_CONFIG(T, N, K) if 1 < T <= SKINNY_MAX_ROWS else None
+    if T > 1 and config is None:
+        out = torch.nn.functional.linear(x, weight, bias)
+        return out[None] if parts else out
     x = x.contiguous()
-    y = torch.empty(T, N, dtype=x.dtype, device=x.device)
     b = bias if bias is not None else weight  # not read without HAS_BIAS
     if T == 1:
+        y = torch.empty(T, N, dtype=x.dtype, device=x.device)
         bn, bk, warps = gemv_config(N, K)
         _gemv_kernel[(triton.cdiv(N, bn),)](x, weight, b, y, N, K, BN=bn, BK=bk, HAS_BIAS=bias is not None,
                                            num_warps=warps, **_launch_options(x.device))
-        return y
-    bm, bn, bk = max(16, triton.next_power_of_2(T)), 16, 256
-    stages = max(1, min(4, SHARED_MEMORY_BUDGET // ((bm + bn) * bk * x.element_size())))  # fp32 tiles: fewer
-    _skinny_kernel[(triton.cdiv(N, bn),)](x, weight, b, y, T, N, K, BM=bm, BN=bn, BK=bk, HAS_BIAS=bias is not None,
-                                         IEEE=x.dtype == torch.float32, num_warps=4, num_stages=stages,
-                                         **_launch_options(x.device))
+        return y[None] if parts else y
+    bm, bn, bk, warps, stages, chunks = config
+    stages = max(1, min(stages, SHARED_MEMORY_BUDGET // ((bm + bn) * bk * x.element_size())))  # fp32 tiles: fewer
+    chunk = triton.cdiv(triton.cdiv(K, chunks if parts else 1), bk) * bk
+    chunks = triton.cdiv(K, chunk)
+    if chunks > 1:
+        y = torch.empty(chunks, T, N, dtype=torch.float32, device=x.device)
+    else:
+        y = torch.empty((1, T, N) if parts else (T, N), dtype=x.dtype, device=x.device)
+    _skinny_kernel[(triton.cdiv(N, bn), chunks)](x, weight, b, y, T, N, K, chunk, BM=bm, BN=bn, BK=bk,
+                                                HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
+                                                num_warps=warps, num_stages=stages, **_launch_options(x.device))
     return y
 
 
+def _parts(x: Tensor) -> tuple[int, int]:
+    """(partial sums, rows) of a [T, N] tensor or of [parts, T, N] partial sums."""
+    return (x.shape[0], x.shape[1]) if x.dim() == 3 else (1, x.shape[0])
+
+
 def rope_and_cache(qkv: Tensor, cos: Tensor, sin: Tensor, slots: Tensor, kv: Tensor, n_heads: int) -> Tensor:
-    """Rotate q/k, write k/v at `slots` of this layer's cache [2, H_kv, S, D]; q as [H_kv, rep*T, D]."""
-    T = qkv.shape[0]
+    """Rotate q/k, write k/v at `slots` of this layer's cache [2, H_kv, S, D]; q as [H_kv, rep*T, D].
+    qkv: [T, (H + 2 H_kv) D], or partial sums of it [parts, T, ...]."""
+    parts, T = _parts(qkv)
     _, hkv, S, D = kv.shape
     rep = n_heads // hkv
-    q = torch.empty(hkv, rep * T, D, dtype=qkv.dtype, device=qkv.device)
+    q = torch.empty(hkv, rep * T, D, dtype=kv.dtype, device=qkv.device)
     _rope_cache_kernel[(T, n_heads + 2 * hkv)](
-        qkv, cos, sin, slots, kv, q, T, S, H=n_heads, HKV=hkv, REP=rep, D=D, HALF=D // 2,
+        qkv, cos, sin, slots, kv, q, T, S, H=n_heads, HKV=hkv, REP=rep, D=D, HALF=D // 2, PARTS=parts,
         **_launch_options(q.device),
     )
     return q
@@ -362,23 +419,26 @@ def attention(q: Tensor, kv: Tensor, bias: Tensor, n_heads: int) -> Tensor:
     return out
 
 
-def silu_mul(x: Tensor) -> Tensor:
-    """silu(gate) * up for x = [gate | up] of shape [T, 2I]."""
-    T, two_i = x.shape
-    inter = two_i // 2
-    out = torch.empty(T, inter, dtype=x.dtype, device=x.device)
+def silu_mul(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """silu(gate) * up for x = [gate | up] of shape [T, 2I], or partial sums of it [parts, T, 2I]; the result
+    in `dtype` (default x's)."""
+    parts, T = _parts(x)
+    inter = x.shape[-1] // 2
+    out = torch.empty(T, inter, dtype=dtype or x.dtype, device=x.device)
     block = 1024
-    _silu_mul_kernel[(T, triton.cdiv(inter, block))](x, out, inter, BLOCK=block, **_launch_options(x.device))
+    _silu_mul_kernel[(T, triton.cdiv(inter, block))](x, out, T, inter, PARTS=parts, BLOCK=block,
+                                                     **_launch_options(x.device))
     return out
 
 
 def add_rms_norm(x: Tensor, delta: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """x += delta (in place: the residual stream), then RMSNorm(x) * weight, in one launch instead of two."""
+    """x += delta (in place: the residual stream), then RMSNorm(x) * weight, in one launch instead of two.
+    delta: [T, dim], or partial sums of it [parts, T, dim]."""
     T, dim = x.shape
     normed = torch.empty_like(x)
     block = triton.next_power_of_2(dim)
-    _add_rms_norm_kernel[(T,)](x, delta, weight, normed, dim, eps, BLOCK=block, num_warps=8 if block >= 4096 else 4,
-                               **_launch_options(x.device))
+    _add_rms_norm_kernel[(T,)](x, delta, weight, normed, T, dim, eps, PARTS=_parts(delta)[0], BLOCK=block,
+                               num_warps=8 if block >= 4096 else 4, **_launch_options(x.device))
     return normed
 
 

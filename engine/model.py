@@ -194,9 +194,10 @@ def grouped(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> bool:
     return can_use_cudnn_attention(SDPAParams(q, k, v, mask, 0.0, False, True))
 
 
-def project(layer: nn.Linear, x: Tensor) -> Tensor:
-    """A projection: on CUDA `kernels.linear` (Triton kernels for a decoding step's few rows), else nn.Linear."""
-    return kernels.linear(x, layer.weight, layer.bias) if kernels.usable(x) else layer(x)
+def project(layer: nn.Linear, x: Tensor, parts: bool = False) -> Tensor:
+    """A projection: on CUDA `kernels.linear` (Triton kernels for a decoding step's few rows), else nn.Linear.
+    With `parts`, on CUDA the result may be partial sums [parts, T, N] that the next fused kernel adds up."""
+    return kernels.linear(x, layer.weight, layer.bias, parts) if kernels.usable(x) else layer(x)
 
 
 class Attention(nn.Module):
@@ -214,14 +215,16 @@ class Attention(nn.Module):
                 decoding: bool = False) -> Tensor:
         # x: [T, dim]; kv: this layer's cache [2, H_kv, S, D]; bias: [T, L] additive mask over slots [0, L).
         fused = kernels.usable(x)
-        q = (kernels.rope_and_cache if fused else rope_and_cache)(project(self.wqkv, x), *rope, slots, kv, self.n_heads)
+        q = (kernels.rope_and_cache if fused else rope_and_cache)(project(self.wqkv, x, parts=True), *rope, slots, kv,
+                                                                 self.n_heads)
         if x.shape[0] >= BLOCK_ATTENTION_MIN_TOKENS and not (fused and decoding):
             out = block_attention(q, kv, bias, self.n_heads)
         elif fused:
             out = kernels.attention(q, kv, bias, self.n_heads)
         else:
             out = folded_attention(q, kv, bias, self.n_heads)
-        return self.shard.all_reduce(project(self.wo, out))
+        # One process hands partial sums on to the fused add + norm (Block.fused); shards all-reduce whole ones.
+        return self.shard.all_reduce(project(self.wo, out, parts=self.shard.world == 1))
 
 
 class FeedForward(nn.Module):
@@ -233,9 +236,10 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(self.intermediate_size, args.dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate_up = project(self.w13, x)
+        gate_up = project(self.w13, x, parts=True)
         if kernels.usable(x):
-            return self.shard.all_reduce(project(self.w2, kernels.silu_mul(gate_up)))
+            return self.shard.all_reduce(project(self.w2, kernels.silu_mul(gate_up, x.dtype),
+                                                 parts=self.shard.world == 1))
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.shard.all_reduce(self.w2(F.silu(gate) * up))
 
@@ -255,7 +259,8 @@ class Block(nn.Module):
     def fused(self, x: Tensor, h: Tensor, next_norm: RMSNorm, rope: tuple[Tensor, Tensor], slots: Tensor,
               bias: Tensor, kv: Tensor, decoding: bool) -> Tensor:
         """The same on CUDA, with each residual add fused into the norm after it: `h` is this block's
-        normed input, `x` the residual stream (updated in place); returns `next_norm` of the output."""
+        normed input, `x` the residual stream (updated in place); returns `next_norm` of the output. The
+        attention and feed-forward outputs may come as partial sums, which the norm kernels add up."""
         h = self.attention(h, rope, slots, bias, kv, decoding)
         h = kernels.add_rms_norm(x, h, self.ffn_norm.weight, self.ffn_norm.eps)
         return kernels.add_rms_norm(x, self.feed_forward(h), next_norm.weight, next_norm.eps)

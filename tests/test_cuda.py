@@ -200,6 +200,9 @@ def test_linear_is_torchs_linear(rows, n, k, bias):
     got = kernels.linear(x, w, b)
     assert got.shape == (rows, n)
     assert (got.double() - want).abs().max().item() < 1e-4
+    parts = kernels.linear(x, w, b, parts=True)  # chunks of the columns: their partial sums add up to it, bias once
+    assert parts.dim() == 3 and parts.shape[1:] == (rows, n)
+    assert (parts.double().sum(0) - want).abs().max().item() < 1e-4
     got = kernels.linear(x.bfloat16(), w.bfloat16(), None if b is None else b.bfloat16())
     assert (got.double() - want).abs().max().item() < 0.05 * want.abs().max().item()
 
@@ -226,6 +229,30 @@ def test_dependent_launches_change_no_result(monkeypatch):
     kernels._launch_options.cache_clear()
     for a, b in zip(*outs, strict=True):
         assert torch.equal(a, b)
+
+
+def test_fused_kernels_add_up_partial_sums():
+    """rope_and_cache, silu_mul and add_rms_norm take a projection as partial sums [parts, T, N] and compute what
+    they compute from the whole sum. Catches a part skipped or read at the wrong row, or counted twice."""
+    from engine import kernels
+
+    torch.manual_seed(0)
+    T, H, HKV, D, S = 5, 4, 2, 64, 32
+    qkv = torch.randn(3, T, (H + 2 * HKV) * D, device="cuda")
+    cos, sin = torch.rand(T, D // 2, device="cuda"), torch.rand(T, D // 2, device="cuda")
+    slots = torch.tensor([3, 9, 1, 30, 17], device="cuda")
+    kv_parts, kv_whole = torch.zeros(2, HKV, S, D, device="cuda"), torch.zeros(2, HKV, S, D, device="cuda")
+    q_parts = kernels.rope_and_cache(qkv, cos, sin, slots, kv_parts, H)
+    q_whole = kernels.rope_and_cache(qkv.sum(0), cos, sin, slots, kv_whole, H)
+    assert (q_parts - q_whole).abs().max().item() < 1e-5 and (kv_parts - kv_whole).abs().max().item() < 1e-5
+    gate_up = torch.randn(4, T, 2 * 300, device="cuda")
+    assert (kernels.silu_mul(gate_up) - kernels.silu_mul(gate_up.sum(0))).abs().max().item() < 1e-5
+    x, delta = torch.randn(T, 1536, device="cuda"), torch.randn(2, T, 1536, device="cuda")
+    weight = torch.rand(1536, device="cuda") + 0.5
+    x2 = x.clone()
+    normed = kernels.add_rms_norm(x, delta, weight, 1e-6)
+    assert (x - (x2 + delta.sum(0))).abs().max().item() < 1e-5
+    assert (normed - kernels.add_rms_norm(x2, delta.sum(0), weight, 1e-6)).abs().max().item() < 1e-5
 
 
 @pytest.mark.parametrize("rows,vocab", [(64, 151936), (3, 1000), (2, 4097)])
