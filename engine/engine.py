@@ -37,8 +37,10 @@ OnText = Callable[[str], None]  # the completion's text so far that no stop rule
 Poll = Callable[[], bool]  # True once the request is cancelled
 
 BUILTIN_LOOKAHEAD = {"cuda": LookaheadConfig(8, 4, 8), "cpu": LookaheadConfig(4, 3, 4)}
-# cuda: the fastest of 32/48/64/96 rows on the 1.5B (H200, 2026-11-27: 889 tok/s, 1.97x AR on 16 dev cases)
-BUILTIN_TREE = {"cuda": TreeConfig(48, 0, 2), "cpu": TreeConfig(16, 0, 2)}
+# cuda: 64 rows with drafts up to 24 tokens. Since a tree step's projections run in Triton (issue 12's ninth
+# round) a 64-row step costs what a 48-row one does (1.85 against 1.82 ms of GPU time, H200), and on two
+# H200s over the 40 dev cases it ran 1,311 and 1,324 tok/s against 1,184-1,274 for 48 rows (4.07 tokens/step).
+BUILTIN_TREE = {"cuda": TreeConfig(64, 0, 2, 24), "cpu": TreeConfig(16, 0, 2)}
 # What "lookahead" without an explicit W,N,G runs: tree decoding, where it measured better than v1. CPU,
 # SmolLM2-135M: more tokens per step and less time per token. CUDA, the 1.5B on an H200 over the 40 dev
 # cases: 2.10x AR end to end against v1's 1.81x (1.69x against 1.56x with stop rules).
