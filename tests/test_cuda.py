@@ -207,28 +207,64 @@ def test_linear_is_torchs_linear(rows, n, k, bias):
     assert (got.double() - want).abs().max().item() < 0.05 * want.abs().max().item()
 
 
-def test_dependent_launches_change_no_result(monkeypatch):
-    """With programmatic dependent launch each kernel may start before the one it depends on has finished;
-    it must wait before reading that one's output. Graph-replayed decode steps and a tree-sized step give
-    bit-identical logits with PDL on and off: a kernel that read its input before waiting would race."""
+def _write_late(src: torch.Tensor, dst: torch.Tensor) -> None:
+    """Copy src into dst from a kernel that lets the next (dependent) kernel start at once and writes only after
+    ~0.5 ms of spinning: a kernel launched next that reads dst before waiting for this one reads the old dst."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def late_copy(src, dst, n, spins, BLOCK: tl.constexpr):
+        tl.extra.cuda.gdc_launch_dependents()
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < n
+        v = tl.load(src + offs, mask=ok, other=0.0)
+        t = tl.zeros([BLOCK], tl.float32)
+        for _ in range(spins):
+            t = t * 0.5 + 1.0
+        tl.store(dst + offs, v, mask=ok & (t > -1.0))
+
+    n = src.numel()
+    late_copy[(triton.cdiv(n, 1024),)](src, dst, n, 300_000, BLOCK=1024, launch_pdl=True)
+
+
+def test_each_kernel_waits_for_the_one_before_it():
+    """Under programmatic dependent launch a kernel may start while the one before it still runs: each must
+    wait before reading that one's output. Each kernel here follows one that writes its input late; it must
+    compute from the late values, not from the zeros the buffer held. Catches a kernel whose reads were moved
+    before its `_await_inputs`, or that lost it. (A graph-replayed tiny model with PDL on and off, the check
+    this replaces, gave identical logits even with the GEMV's wait removed: its kernels finish too soon.)"""
     from engine import kernels
 
     if not kernels._launch_options(torch.device("cuda"))["PDL"]:
         pytest.skip("programmatic dependent launch needs Hopper or later")
     torch.manual_seed(0)
-    ids = torch.randint(0, 512, (400,)).tolist()
-    outs = []
-    for off in ("", "1"):
-        monkeypatch.setenv("AHEAD_NO_PDL", off)
-        kernels._launch_options.cache_clear()
-        runner = Runner(tiny_model(torch.bfloat16), use_graphs=True)
-        runner.prefill(ids[:300], 0)
-        rows = [runner.step(DECODE, [ids[i]], i)[1].clone() for i in range(300, 340)]
-        rows.append(runner.step(causal_shape(48, logits=True), ids[340:388], 340)[1].clone())
-        outs.append(rows)
-    kernels._launch_options.cache_clear()
-    for a, b in zip(*outs, strict=True):
-        assert torch.equal(a, b)
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+
+    def check(inputs: torch.Tensor, run) -> None:
+        late = torch.zeros_like(inputs)
+        want = run(inputs.clone()).float()
+        torch.cuda.synchronize()
+        _write_late(inputs, late)
+        got = run(late).float()
+        torch.cuda.synchronize()
+        assert (got - want).abs().max().item() <= 1e-2 * want.abs().max().item()
+
+    w = torch.randn(2048, 1536, **bf) * 1536**-0.5
+    check(torch.randn(1, 1536, **bf), lambda x: kernels.linear(x, w))  # the one-row GEMV
+    check(torch.randn(48, 1536, **bf), lambda x: kernels.linear(x, w, parts=True))  # a tree step's product
+    weight = torch.rand(1536, **bf) + 0.5
+    streams = [torch.ones(48, 1536, **bf) for _ in range(2)]  # made before: a fill kernel would wait in between
+    check(torch.randn(48, 1536, **bf), lambda d: kernels.add_rms_norm(streams.pop(), d, weight, 1e-6))
+    check(torch.randn(48, 2 * 8960, **bf), kernels.silu_mul)
+    T, H, HKV, D = 48, 12, 2, 128
+    cos, sin = torch.rand(T, D // 2, device="cuda"), torch.rand(T, D // 2, device="cuda")
+    slots = torch.arange(T, device="cuda")
+    kv = torch.randn(2, HKV, 256, D, **bf)
+    check(torch.randn(T, (H + 2 * HKV) * D, **bf), lambda qkv: kernels.rope_and_cache(qkv, cos, sin, slots, kv, H))
+    bias = torch.zeros(T, 200, **bf)
+    check(torch.randn(HKV, 6 * T, D, **bf), lambda q: kernels.attention(q, kv, bias, H))
+    check(torch.randn(48, 151936, **bf), lambda logits: kernels.top_k_probs(logits, 8)[1])
 
 
 def test_fused_kernels_add_up_partial_sums():
