@@ -214,6 +214,7 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], slots: Tensor, bias: Tensor, kv: Tensor,
                 decoding: bool = False) -> Tensor:
         # x: [T, dim]; kv: this layer's cache [2, H_kv, S, D]; bias: [T, L] additive mask over slots [0, L).
+        # Returns [T, dim]; on CUDA in one process, partial sums of it [parts, T, dim] (see Block.fused).
         fused = kernels.usable(x)
         q = (kernels.rope_and_cache if fused else rope_and_cache)(project(self.wqkv, x, parts=True), *rope, slots, kv,
                                                                  self.n_heads)
@@ -236,6 +237,7 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(self.intermediate_size, args.dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        # Returns [T, dim]; on CUDA in one process, partial sums of it [parts, T, dim] (see Block.fused).
         gate_up = project(self.w13, x, parts=True)
         if kernels.usable(x):
             return self.shard.all_reduce(project(self.w2, kernels.silu_mul(gate_up, x.dtype),
