@@ -232,8 +232,9 @@ def test_each_kernel_waits_for_the_one_before_it():
     """Under programmatic dependent launch a kernel may start while the one before it still runs: each must
     wait before reading that one's output. Each kernel here follows one that writes its input late; it must
     compute from the late values, not from the zeros the buffer held. Catches a kernel whose reads were moved
-    before its `_await_inputs`, or that lost it. (A graph-replayed tiny model with PDL on and off, the check
-    this replaces, gave identical logits even with the GEMV's wait removed: its kernels finish too soon.)"""
+    before its `_await_inputs`, or that lost it, the second kernel of attention and of top-k included: a random
+    input's run in between leaves other values where their intermediates will be. (A graph-replayed tiny model
+    with PDL on and off, the check this replaces, gave identical logits even with the GEMV's wait removed.)"""
     from engine import kernels
 
     if not kernels._launch_options(torch.device("cuda"))["PDL"]:
@@ -244,6 +245,7 @@ def test_each_kernel_waits_for_the_one_before_it():
     def check(inputs: torch.Tensor, run) -> None:
         late = torch.zeros_like(inputs)
         want = run(inputs.clone()).float()
+        run(torch.randn_like(inputs))  # leaves other values in the blocks the late run's intermediates will reuse
         torch.cuda.synchronize()
         _write_late(inputs, late)
         got = run(late).float()
@@ -254,7 +256,7 @@ def test_each_kernel_waits_for_the_one_before_it():
     check(torch.randn(1, 1536, **bf), lambda x: kernels.linear(x, w))  # the one-row GEMV
     check(torch.randn(48, 1536, **bf), lambda x: kernels.linear(x, w, parts=True))  # a tree step's product
     weight = torch.rand(1536, **bf) + 0.5
-    streams = [torch.ones(48, 1536, **bf) for _ in range(2)]  # made before: a fill kernel would wait in between
+    streams = [torch.ones(48, 1536, **bf) for _ in range(3)]  # made before: a fill kernel would wait in between
     check(torch.randn(48, 1536, **bf), lambda d: kernels.add_rms_norm(streams.pop(), d, weight, 1e-6))
     check(torch.randn(48, 2 * 8960, **bf), kernels.silu_mul)
     T, H, HKV, D = 48, 12, 2, 128
