@@ -5,7 +5,7 @@ relative to the step's base slot, and which of the step's own tokens each may se
 step writes its tokens' K/V at slots base..base+T-1 and sees all slots below base. The
 mask, positions and slots are computed on the device from the base slot, so one captured
 graph per (shape, visible-length bucket) serves every step of that shape. A step's inputs
-reach the device in one copy (`staging.StepInputs`).
+reach the device in one copy, which the step makes itself (`staging.StepInputs`).
 """
 
 from __future__ import annotations
@@ -115,6 +115,7 @@ class Runner:
     def _forward(self, shape: StepShape, visible: int) -> tuple[Tensor, Tensor | None]:
         """The whole step from the shape's device inputs only, so that it can be captured."""
         inputs = self.inputs(shape)
+        inputs.receive()
         base, local = inputs.base, inputs.local
         T = shape.size
         positions = base + inputs.rel_pos

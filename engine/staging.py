@@ -3,8 +3,10 @@
 Between two tree steps the host sets the step's tokens, base slot, positions and mask. As
 separate pageable tensors that was four copies and a fill per step, each a driver call (and a
 pageable copy may wait for the stream). Here they are fields of one byte buffer, written in
-place through numpy views, then sent in one queued copy; the captured graphs read the device
-twin by reference. On the CPU the two buffers are one.
+place through numpy views. The step itself copies them (`StepInputs.receive`, the first node of
+its CUDA graph), so sending a step costs the host no driver call: on an H200's host a queued
+copy and its event took 60-90 µs of host time per step, all of it before the GPU could start.
+On the CPU the two buffers are one.
 
 The way back is `ReadBack`: pinned twins of a step's results, reused every step, each read waiting
 for its own copy only.
@@ -16,10 +18,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+STEP_COPIES_LAYOUT = 256 * 256  # bytes of mask up to which each step copies its layout too (256-row steps)
+
 
 class Staging:
     """A pinned host buffer of `nbytes`, its device twin, and a guard: the host side is not rewritten
-    while its last copy is still queued (two back-to-back steps of one shape would race otherwise)."""
+    while a queued copy may still read it (two back-to-back steps of one shape would race otherwise)."""
 
     def __init__(self, nbytes: int, device: torch.device):
         if device.type == "cuda":
@@ -29,14 +33,17 @@ class Staging:
         else:
             self.host = self.device = torch.zeros(nbytes, dtype=torch.uint8)
             self._copied = None
-        self._queued = False
+        self._queued: str | None = None  # "copy": `send`'s copy, "step": a queued step's own (`read_by_step`)
         self.view = self.host.numpy()  # the host bytes, zero-copy
 
     def writable(self) -> np.ndarray:
-        """The host bytes, once the last copy out of them has run."""
-        if self._queued:
+        """The host bytes, once the copies queued out of them have run. After a step's own copy that is a wait for
+        the stream, which decode loops have drained already by reading the step's result."""
+        if self._queued == "copy":
             self._copied.synchronize()
-            self._queued = False
+        elif self._queued == "step":
+            torch.cuda.current_stream(self.device.device).synchronize()
+        self._queued = None
         return self.view
 
     def send(self, nbytes: int | None = None) -> None:
@@ -46,38 +53,49 @@ class Staging:
         n = self.host.numel() if nbytes is None else nbytes
         self.device[:n].copy_(self.host[:n], non_blocking=True)
         self._copied.record()
-        self._queued = True
+        self._queued = "copy"
+
+    def read_by_step(self) -> None:
+        """A step about to be queued copies the host bytes itself (`copy_in`): guard them until the stream passed it."""
+        if self._copied is not None:
+            self._queued = "step"
+
+    def copy_in(self, nbytes: int) -> None:
+        """Queue the copy of the first `nbytes` to the device: inside a step, so that a captured graph replays it."""
+        if self._copied is not None:
+            self.device[:nbytes].copy_(self.host[:nbytes], non_blocking=True)
 
 
 class StepInputs:
     """One step shape's inputs in one `Staging`: int64 tokens [T], base slot [1], `moves` slot moves (sources
     then destinations, [2, M]) and positions relative to the base [T], then the mask over the step's own
-    tokens, bool [T, T]. The layout (positions and mask) is sent only when it changed: a tree's changes every
-    step, a prefill chunk's never."""
+    tokens, bool [T, T]. Each step copies them all where that is a few KB (a tree's layout changes every step);
+    a long prefill chunk's step copies its tokens, base and moves, and its layout is sent when it changes."""
 
     def __init__(self, rel_pos: Tensor, local: Tensor, device: torch.device, moves: int = 0):
         T = self.size = int(rel_pos.shape[0])
         self.max_moves = moves
-        self.per_step = 8 * (T + 1 + 2 * moves)  # bytes sent with every step
+        self.per_step = 8 * (T + 1 + 2 * moves)  # bytes that change with every step
         self.ints = self.per_step + 8 * T
         self.staging = Staging(self.ints + T * T, device)
+        self.step_copies = self.staging.host.numel() if T * T <= STEP_COPIES_LAYOUT else self.per_step
         on_device = self.staging.device
         ints = on_device[: self.ints].view(torch.int64)
         self.tokens, self.base = ints[:T], ints[T]
         self.moves = ints[T + 1 : T + 1 + 2 * moves].view(2, moves)
         self.rel_pos = ints[T + 1 + 2 * moves :]
         self.local = on_device[self.ints :].view(torch.bool).view(T, T)
-        self.layout_changed = False
         self.set_layout(rel_pos, local)
 
     def set_layout(self, rel_pos: Tensor | np.ndarray, local: Tensor | np.ndarray) -> None:
         host, T = self.staging.writable(), self.size
         host[self.per_step : self.ints].view(np.int64)[:] = np.asarray(rel_pos)
         host[self.ints :].view(np.bool_).reshape(T, T)[:] = np.asarray(local)
-        self.layout_changed = True
+        if self.step_copies < self.staging.host.numel():
+            self.staging.send()
 
     def send(self, tokens: list[int] | Tensor | np.ndarray, base: int, moves: list[tuple[int, int]] = ()) -> None:
-        """Set the step's tokens, base slot and slot moves and queue everything that changed to the device.
+        """Set the step's tokens, base slot and slot moves, for the step queued next to copy (`receive`).
         Unused move entries copy slot 0 onto itself (decoding never moves a token there)."""
         host, T, M = self.staging.writable(), self.size, self.max_moves
         ints = host[: self.per_step].view(np.int64)
@@ -90,8 +108,11 @@ class StepInputs:
             pairs[:] = 0
             if moves:
                 pairs[:, : len(moves)] = np.array(moves).T
-        self.staging.send(None if self.layout_changed else self.per_step)
-        self.layout_changed = False
+        self.staging.read_by_step()
+
+    def receive(self) -> None:
+        """The step's first work: copy what `send` set to the device views the step reads."""
+        self.staging.copy_in(self.step_copies)
 
 
 class ReadBack:

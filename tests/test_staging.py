@@ -38,3 +38,19 @@ def test_host_side_waits_for_its_queued_copy() -> None:
     staging.writable()[:] = 2  # waits for the copy of the ones
     torch.cuda.synchronize()
     assert staging.device.tolist() == [1] * 8
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_inputs_wait_for_the_step_that_copies_them() -> None:
+    """A step copies its own inputs when the GPU reaches it (`StepInputs.receive`): the next `send` must not
+    rewrite them before that. Catches a guard that lets a second step's tokens overwrite the first's while the
+    first step is still queued behind other work: it would then read the second step's tokens."""
+    inputs = StepInputs(torch.arange(3), torch.ones(3, 3, dtype=torch.bool), torch.device("cuda"))
+    torch.cuda._sleep(200_000_000)  # keep the stream busy: the first step's copy runs after this
+    inputs.send([1, 2, 3], 10)
+    inputs.receive()
+    seen = inputs.tokens.clone()  # what the first step read, taken right after its copy
+    inputs.send([4, 5, 6], 11)  # waits for the first step's copy
+    inputs.receive()
+    torch.cuda.synchronize()
+    assert seen.tolist() == [1, 2, 3] and inputs.tokens.tolist() == [4, 5, 6] and int(inputs.base) == 11
