@@ -243,6 +243,24 @@ if triton is not None:
                  mask=(rows < M)[:, None] & (outs < N)[None, :])
 
     @triton.jit
+    def _step_layout_kernel(base_at, rel_pos, local, positions, slots, bias, T, L, BLOCK: tl.constexpr,
+                            PDL: tl.constexpr):
+        # Row t of a step at slot `base`: its position and slot, and its additive mask over slots [0, L): it sees
+        # every slot below the base, and the step's own slot base + j where local[t, j].
+        t = tl.program_id(0)
+        c = tl.program_id(1)
+        _await_inputs(PDL)
+        base = tl.load(base_at)
+        if c == 0:
+            tl.store(positions + t, base + tl.load(rel_pos + t))
+            tl.store(slots + t, base + t)
+        s = c * BLOCK + tl.arange(0, BLOCK)
+        j = s - base
+        own = (j >= 0) & (j < T)
+        sees = (s < base) | (own & (tl.load(local + t * T + j, mask=own, other=0) != 0))
+        tl.store(bias + t * L + s, tl.where(sees, 0.0, float("-inf")).to(bias.dtype.element_ty), mask=s < L)
+
+    @triton.jit
     def _top_k_chunk_kernel(logits, vals, ids, maxes, sums, V, stride, C, K: tl.constexpr, BLOCK: tl.constexpr,
                             PDL: tl.constexpr):
         # One chunk of one row: its max, its sum of exp(x - max), and its K largest values with their ids.
@@ -414,6 +432,21 @@ def attention(q: Tensor, kv: Tensor, bias: Tensor, n_heads: int) -> Tensor:
     _attn_combine_kernel[(hkv, R)](m, lse, acc, out, R, T, nsplit, HKV=hkv, REP=n_heads // hkv, D=D,
                                    SPLITS=triton.next_power_of_2(nsplit), **_launch_options(q.device))
     return out
+
+
+def step_layout(base: Tensor, rel_pos: Tensor, local: Tensor, visible: int, dtype: torch.dtype
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    """(positions [T], slots [T], additive mask [T, visible]) of a step at slot `base` (a one-element tensor) whose
+    rows sit at `rel_pos` after it and see the step's own rows where `local` [T, T] says: one launch, where
+    torch's ops took 16 (~30 µs of a 1.5B step on an H200)."""
+    T = rel_pos.shape[0]
+    positions = torch.empty(T, dtype=torch.long, device=base.device)
+    slots = torch.empty_like(positions)
+    bias = torch.empty(T, visible, dtype=dtype, device=base.device)
+    block = min(1024, triton.next_power_of_2(visible))
+    _step_layout_kernel[(T, triton.cdiv(visible, block))](base, rel_pos, local, positions, slots, bias, T, visible,
+                                                          BLOCK=block, **_launch_options(base.device))
+    return positions, slots, bias
 
 
 def silu_mul(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:

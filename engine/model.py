@@ -297,7 +297,8 @@ class Transformer(nn.Module):
         self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
 
     def forward(self, tokens: Tensor, positions: Tensor, slots: Tensor, mask: Tensor, logits: bool = True) -> Tensor:
-        """tokens/positions/slots: [T]; mask: [T, L] bool, True where a query may see a slot.
+        """tokens/positions/slots: [T]; mask: [T, L] bool, True where a query may see a slot (or already the
+        additive mask: 0 there, -inf elsewhere, in the model's dtype).
 
         Returns logits [T, vocab] (or the final hidden states when `logits` is False, which
         prefill uses: it only needs the KV it writes).
@@ -306,7 +307,10 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(tokens)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         rope = (cos, sin) if kernels.usable(x) else rope_factors(cos, sin, x.dtype)
-        bias = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
+        if mask.dtype == torch.bool:
+            bias = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
+        else:
+            bias = mask
         if kernels.usable(x):  # 57 norms and 56 adds become 57 launches for 28 layers
             h = self.layers[0].attention_norm(x)
             for i, layer in enumerate(self.layers):

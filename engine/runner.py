@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import kernels
 from .model import Transformer
 from .staging import ReadBack, Staging, StepInputs
 
@@ -118,12 +119,16 @@ class Runner:
         inputs.receive()
         base, local = inputs.base, inputs.local
         T = shape.size
-        positions = base + inputs.rel_pos
-        slots = base + self._arange[:T]
-        s = self._arange[:visible]
-        offset = s - base  # [L]: where each visible slot falls inside this step's block
-        in_block = (offset >= 0) & (offset < T)
-        mask = (s < base) | (local[:, offset.clamp(0, T - 1)] & in_block)
+        if kernels.usable(base):  # one kernel; the mask comes as the additive one the model would make of it
+            positions, slots, mask = kernels.step_layout(base, inputs.rel_pos, local, visible,
+                                                         self.model.output.weight.dtype)
+        else:
+            positions = base + inputs.rel_pos
+            slots = base + self._arange[:T]
+            s = self._arange[:visible]
+            offset = s - base  # [L]: where each visible slot falls inside this step's block
+            in_block = (offset >= 0) & (offset < T)
+            mask = (s < base) | (local[:, offset.clamp(0, T - 1)] & in_block)
         if shape.moves:
             move_kv(self.model.kv, inputs.moves[0], inputs.moves[1])
         out = self.model(inputs.tokens, positions, slots, mask, logits=shape.logits)

@@ -207,6 +207,28 @@ def test_linear_is_torchs_linear(rows, n, k, bias):
     assert (got.double() - want).abs().max().item() < 0.05 * want.abs().max().item()
 
 
+@pytest.mark.parametrize("T,base,visible", [(1, 2559, 2560), (64, 2560, 2816), (5, 0, 256), (48, 1000, 2048)])
+def test_step_layout_is_the_runners_mask(T, base, visible):
+    """`kernels.step_layout` against the runner's torch construction: positions, slots, and the mask as the
+    additive one the model makes of it. Catches the step's own block placed off by one (a row seeing the slot
+    before the base as its own, or not seeing slot base + j), a row reading another row of `local`, slots past
+    the step or the visible length seen, and a block of slots past the first left unwritten."""
+    from engine import kernels
+
+    torch.manual_seed(T)
+    rel_pos = torch.randint(0, 30, (T,), device="cuda")
+    local = torch.rand(T, T, device="cuda") < 0.4
+    local[torch.arange(T), torch.arange(T)] = True
+    at = torch.tensor(base, device="cuda")
+    positions, slots, bias = kernels.step_layout(at, rel_pos, local, visible, torch.bfloat16)
+    s = torch.arange(visible, device="cuda")
+    offset = s - base
+    own = (offset >= 0) & (offset < T)
+    mask = (s < base) | (local[:, offset.clamp(0, T - 1)] & own)
+    assert positions.tolist() == (base + rel_pos).tolist() and slots.tolist() == list(range(base, base + T))
+    assert bias.dtype == torch.bfloat16 and torch.equal(bias == 0, mask) and bool((bias[~mask] == float("-inf")).all())
+
+
 def _write_late(src: torch.Tensor, dst: torch.Tensor) -> None:
     """Copy src into dst from a kernel that lets the next (dependent) kernel start at once and writes only after
     ~0.5 ms of spinning: a kernel launched next that reads dst before waiting for this one reads the old dst."""
