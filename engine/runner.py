@@ -134,7 +134,7 @@ class Runner:
         out = self.model(inputs.tokens, positions, slots, mask, logits=shape.logits)
         if not shape.logits:
             return out[:0, 0].long(), None
-        return out.argmax(-1), out
+        return (kernels.argmax(out) if kernels.usable(out) else out.argmax(-1)), out
 
     # -- running ------------------------------------------------------------------------------
     def step(

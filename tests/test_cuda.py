@@ -229,6 +229,21 @@ def test_step_layout_is_the_runners_mask(T, base, visible):
     assert bias.dtype == torch.bfloat16 and torch.equal(bias == 0, mask) and bool((bias[~mask] == float("-inf")).all())
 
 
+@pytest.mark.parametrize("rows,vocab", [(1, 151936), (64, 151936), (3, 5000)])
+def test_argmax_is_torchs_argmax_ties_included(rows, vocab):
+    """`kernels.argmax` against torch's on bf16 logits drawn from 8 values, so every row's largest value occurs
+    many times, in several chunks: greedy decoding must pick the same (first) token. Catches the last
+    occurrence or the last chunk's picked, a chunk's offset left out of its ids, and the ragged last chunk's
+    padding (beyond the vocabulary) chosen."""
+    from engine import kernels
+
+    torch.manual_seed(rows)
+    logits = torch.randint(0, 8, (rows, vocab), device="cuda").to(torch.bfloat16) - 20.0
+    assert torch.equal(kernels.argmax(logits), logits.argmax(-1))
+    logits[:, -1] = 10.0  # the largest value only in the ragged last chunk
+    assert torch.equal(kernels.argmax(logits), torch.full((rows,), vocab - 1, device="cuda"))
+
+
 def _write_late(src: torch.Tensor, dst: torch.Tensor) -> None:
     """Copy src into dst from a kernel that lets the next (dependent) kernel start at once and writes only after
     ~0.5 ms of spinning: a kernel launched next that reads dst before waiting for this one reads the old dst."""
@@ -267,7 +282,8 @@ def test_each_kernel_waits_for_the_one_before_it():
     def check(inputs: torch.Tensor, run) -> None:
         late = torch.zeros_like(inputs)
         want = run(inputs.clone()).float()
-        run(torch.randn_like(inputs))  # leaves other values in the blocks the late run's intermediates will reuse
+        other = torch.randn_like(inputs) if inputs.is_floating_point() else torch.randint_like(inputs, 1, 1000)
+        run(other)  # leaves other values in the blocks the late run's intermediates will reuse
         torch.cuda.synchronize()
         _write_late(inputs, late)
         got = run(late).float()
@@ -289,6 +305,10 @@ def test_each_kernel_waits_for_the_one_before_it():
     bias = torch.zeros(T, 200, **bf)
     check(torch.randn(HKV, 6 * T, D, **bf), lambda q: kernels.attention(q, kv, bias, H))
     check(torch.randn(48, 151936, **bf), lambda logits: kernels.top_k_probs(logits, 8)[1])
+    check(torch.randn(48, 151936, **bf), lambda logits: kernels.argmax(logits).float())
+    at, local = torch.tensor(100, device="cuda"), torch.eye(48, dtype=torch.bool, device="cuda")
+    check(torch.randint(1, 30, (48,), device="cuda"),
+          lambda rel: kernels.step_layout(at, rel, local, 256, torch.bfloat16)[0].float())
 
 
 def test_fused_kernels_add_up_partial_sums():
