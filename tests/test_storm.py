@@ -163,7 +163,11 @@ def test_a_keystroke_storm_stays_bounded_and_answers_each_burst(setup) -> None:
           + ", ".join(f"{n} {max(s[n] for s in samples):.0f} (+{growth[n]:.1f})" for n in pids)
           + f"; max engine queue {queue}, max in flight {in_flight}")
     assert engine_done + engine_cancelled == sent  # every request the servers sent was answered, once
-    assert engine_cancelled > 0 and after[1]["server"]["superseded"] > before[1]["server"]["superseded"]
+    # Some keystroke superseded a request in flight. Which editor's is timing: on a fast host every request of
+    # the editor without debounce may finish before its next keystroke (CI once saw 15 cancelled, all the other's).
+    superseded_now = sum(a["server"]["superseded"] - b["server"]["superseded"] for a, b in zip(after, before,
+                                                                                              strict=True))
+    assert engine_cancelled > 0 and superseded_now > 0
     assert engine_done < len(keystrokes)  # superseded work was dropped, not finished
     assert queue <= 8 and in_flight <= 1  # superseded jobs wait in the queue only until answered `cancelled`
     assert all(g < 30 for g in growth.values()), growth  # MB: memory does not grow with keystrokes
