@@ -1,6 +1,6 @@
 """The engine's own decoder forward: Qwen2 and Llama in one compact module.
 
-One entry point, `Transformer.forward(tokens, positions, slots, mask)`, serves prefill,
+One entry point, `Transformer.forward(tokens, positions, slots, bias)`, serves prefill,
 one-token decode and lookahead's 2D/tree steps alike: the caller says where each query
 token sits (RoPE position), which KV-cache slot it writes, and which cache slots it may
 see. Shapes depend only on the number of query tokens and the visible cache length, so a
@@ -296,9 +296,9 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(a.head_dim, self.max_seq_len, a.rope_theta)
         self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
 
-    def forward(self, tokens: Tensor, positions: Tensor, slots: Tensor, mask: Tensor, logits: bool = True) -> Tensor:
-        """tokens/positions/slots: [T]; mask: [T, L] bool, True where a query may see a slot (or already the
-        additive mask: 0 there, -inf elsewhere, in the model's dtype).
+    def forward(self, tokens: Tensor, positions: Tensor, slots: Tensor, bias: Tensor, logits: bool = True) -> Tensor:
+        """tokens/positions/slots: [T]; bias: [T, L] additive mask in the model's dtype, 0 where a query may
+        see a slot, -inf elsewhere.
 
         Returns logits [T, vocab] (or the final hidden states when `logits` is False, which
         prefill uses: it only needs the KV it writes).
@@ -307,10 +307,6 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(tokens)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         rope = (cos, sin) if kernels.usable(x) else rope_factors(cos, sin, x.dtype)
-        if mask.dtype == torch.bool:
-            bias = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
-        else:
-            bias = mask
         if kernels.usable(x):  # 57 norms and 56 adds become 57 launches for 28 layers
             h = self.layers[0].attention_norm(x)
             for i, layer in enumerate(self.layers):

@@ -119,19 +119,20 @@ class Runner:
         inputs.receive()
         base, local = inputs.base, inputs.local
         T = shape.size
-        if kernels.usable(base):  # one kernel; the mask comes as the additive one the model would make of it
-            positions, slots, mask = kernels.step_layout(base, inputs.rel_pos, local, visible,
-                                                         self.model.output.weight.dtype)
+        dtype = self.model.output.weight.dtype
+        if kernels.usable(base):  # one kernel
+            positions, slots, bias = kernels.step_layout(base, inputs.rel_pos, local, visible, dtype)
         else:
             positions = base + inputs.rel_pos
             slots = base + self._arange[:T]
             s = self._arange[:visible]
             offset = s - base  # [L]: where each visible slot falls inside this step's block
             in_block = (offset >= 0) & (offset < T)
-            mask = (s < base) | (local[:, offset.clamp(0, T - 1)] & in_block)
+            sees = (s < base) | (local[:, offset.clamp(0, T - 1)] & in_block)
+            bias = torch.zeros(sees.shape, dtype=dtype, device=sees.device).masked_fill_(~sees, float("-inf"))
         if shape.moves:
             move_kv(self.model.kv, inputs.moves[0], inputs.moves[1])
-        out = self.model(inputs.tokens, positions, slots, mask, logits=shape.logits)
+        out = self.model(inputs.tokens, positions, slots, bias, logits=shape.logits)
         if not shape.logits:
             return out[:0, 0].long(), None
         return (kernels.argmax(out) if kernels.usable(out) else out.argmax(-1)), out

@@ -209,10 +209,10 @@ def test_linear_is_torchs_linear(rows, n, k, bias):
 
 @pytest.mark.parametrize("T,base,visible", [(1, 2559, 2560), (64, 2560, 2816), (5, 0, 256), (48, 1000, 2048)])
 def test_step_layout_is_the_runners_mask(T, base, visible):
-    """`kernels.step_layout` against the runner's torch construction: positions, slots, and the mask as the
-    additive one the model makes of it. Catches the step's own block placed off by one (a row seeing the slot
-    before the base as its own, or not seeing slot base + j), a row reading another row of `local`, slots past
-    the step or the visible length seen, and a block of slots past the first left unwritten."""
+    """`kernels.step_layout` against the runner's torch construction (its CPU path): positions, slots, and the
+    additive mask. Catches the step's own block placed off by one (a row seeing the slot before the base as its
+    own, or not seeing slot base + j), a row reading another row of `local`, slots past the step or the visible
+    length seen, and a block of slots past the first left unwritten."""
     from engine import kernels
 
     torch.manual_seed(T)
