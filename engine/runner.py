@@ -159,15 +159,19 @@ class Runner:
         carried = shape.moves and len(self._pending) <= MAX_MOVES and (cap is not None or not graphed)
         if not carried:
             self.flush_moves()
-        self.inputs(shape).send(tokens, base, self._pending)
+        inputs = self.inputs(shape)
+        inputs.send(tokens, base, self._pending)
         self._pending.clear()
         if not graphed:
             with torch.no_grad():
-                return self._forward(shape, visible)
-        if cap is None:
-            cap = self.graphs[key] = self._capture(shape, visible)
-        cap.graph.replay()
-        return cap.argmax, cap.logits
+                out = self._forward(shape, visible)
+        else:
+            if cap is None:
+                cap = self.graphs[key] = self._capture(shape, visible)
+            cap.graph.replay()
+            out = cap.argmax, cap.logits
+        inputs.step_queued()  # after the launch: the GPU is busy with the step meanwhile
+        return out
 
     def read_back(self, name: str) -> ReadBack:
         """The host twins of one kind of result that decode loops read after every step: made once, so

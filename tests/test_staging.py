@@ -50,6 +50,7 @@ def test_inputs_wait_for_the_step_that_copies_them() -> None:
     inputs.send([1, 2, 3], 10)
     inputs.receive()
     seen = inputs.tokens.clone()  # what the first step read, taken right after its copy
+    inputs.step_queued()  # as `Runner.step` says once it has queued a step
     inputs.send([4, 5, 6], 11)  # waits for the first step's copy
     inputs.receive()
     torch.cuda.synchronize()
