@@ -15,7 +15,7 @@ kernel here is launched with programmatic dependent launch (PDL): the next kerne
 one before it drains, and waits (`_await_inputs`) before it reads what that one wrote. A 1.5B-shaped
 one-token step's 28 layers took 1.09 ms so, against 1.51-1.63 ms with cuBLAS and no PDL. Projections start on
 their weights before that wait: the GEMV loads its first tile, the skinny kernel asks L2 for its first lines
-(a 64-row tree step of the 1.5B's shape on an H100: 2,122-2,135 -> 2,089-2,102 µs of GPU time).
+(a 64-row tree step of the 1.5B's shape on an H100: 2,125-2,135 -> 2,089-2,102 µs of GPU time).
 """
 
 from __future__ import annotations
