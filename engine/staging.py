@@ -34,7 +34,7 @@ class Staging:
         else:
             self.host = self.device = torch.zeros(nbytes, dtype=torch.uint8)
             self._copied = None
-        self._queued = False  # a copy out of the host bytes is queued (`send`'s, or a step's own: `step_queued`)
+        self._queued = False  # a copy out of the host bytes is queued (`send`'s, or a step's own: `copy_queued`)
         self.view = self.host.numpy()  # the host bytes, zero-copy
 
     def writable(self) -> np.ndarray:
@@ -52,10 +52,11 @@ class Staging:
             return
         n = self.host.numel() if nbytes is None else nbytes
         self.device[:n].copy_(self.host[:n], non_blocking=True)
-        self.step_queued()
+        self.copy_queued()
 
-    def step_queued(self) -> None:
-        """Work that copies the host bytes (a step's `copy_in`) was just queued: guard them until it has run."""
+    def copy_queued(self) -> None:
+        """A copy out of the host bytes (`send`'s, or a queued step's `copy_in`) was just queued: guard them
+        until it has run."""
         if self._copied is not None:
             self._copied.record()
             self._queued = True
@@ -115,7 +116,7 @@ class StepInputs:
 
     def step_queued(self) -> None:
         """The step that receives what `send` set is queued: the next `send` or `set_layout` waits for it."""
-        self.staging.step_queued()
+        self.staging.copy_queued()
 
 
 class ReadBack:

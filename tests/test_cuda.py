@@ -244,6 +244,24 @@ def test_argmax_is_torchs_argmax_ties_included(rows, vocab):
     assert torch.equal(kernels.argmax(logits), torch.full((rows,), vocab - 1, device="cuda"))
 
 
+def test_back_to_back_steps_each_read_their_own_tokens():
+    """`Runner.step` queues a step that copies its inputs only when the GPU reaches it; the next step's `send`
+    must wait for that copy. Two steps of one shape queued back to back behind ~0.2 s of GPU work, nothing read in
+    between: the first must still compute from its own tokens. Catches `Runner.step` not marking the step queued
+    (`StepInputs.step_queued`), after which the second step's tokens overwrite the first's before they are read."""
+    model = tiny_model(torch.float32)
+    runner = Runner(model, use_graphs=False)
+    ids = torch.randint(0, 512, (40,)).tolist()
+    runner.prefill(ids[:32], 0)
+    shape = causal_shape(8, logits=True)
+    want = runner.step(shape, ids[32:40], 32)[1].clone()
+    torch.cuda._sleep(200_000_000)  # keep the stream busy: both steps' copies run after this
+    first = runner.step(shape, ids[32:40], 32)[1]
+    runner.step(shape, ids[24:32], 32)  # other tokens at the same slots
+    torch.cuda.synchronize()
+    assert torch.equal(first, want)
+
+
 def _write_late(src: torch.Tensor, dst: torch.Tensor) -> None:
     """Copy src into dst from a kernel that lets the next (dependent) kernel start at once and writes only after
     ~0.5 ms of spinning: a kernel launched next that reads dst before waiting for this one reads the old dst."""
