@@ -361,10 +361,12 @@ def skinny_config(m: int, n: int, k: int) -> tuple[int, int, int, int, int, int]
     """(row block, outputs a program, columns a step, warps, stages, column chunks) for a step of 2..64 rows, or
     None where cuBLAS does better. From a sweep at 48 rows on an H200 over the 1.5B's and the 7B's shapes (µs,
     cuBLAS -> this): 1.5B q/k/v 5.2 -> 3.8, output 5.4 -> 3.6, gate/up 18.5 -> 17.5, down 12.4 -> 9.5, LM head
-    121 -> 118; 7B output 12.2 -> 8.8, down 42.3 -> 38.2, q/k/v 10.9 -> 12.3 (kept: <1% of its step); the 7B's
-    gate/up 71.7 against 74.9 at best, so wide outputs over long rows stay with cuBLAS. Narrow outputs are
-    split into column chunks (partial sums) so that a few hundred programs share the weight."""
+    121 -> 118; 7B output 12.2 -> 8.8, down 42.3 -> 38.2; the 7B's q/k/v (10.9 against 12.3) and gate/up (71.7
+    against 74.9 at best) stay with cuBLAS. (On an H100 the 7B's gate/up goes the other way: 106 against 99 µs.)
+    Narrow outputs are split into column chunks (partial sums) so that a few hundred programs share the weight."""
     bm = max(16, triton.next_power_of_2(m))
+    if k > 2048 and n > k:  # the 7B's q/k/v: cuBLAS 14.1 against 18.3 µs on an H100 (15.2 at best)
+        return None
     if n >= 8192:
         if k > 2048:
             return None
@@ -372,6 +374,8 @@ def skinny_config(m: int, n: int, k: int) -> tuple[int, int, int, int, int, int]
     bn = 32 if n <= 2048 else 64
     if k < 4096:
         return bm, bn, 128, 4, 4, 2
+    if k >= 16384:  # long rows (the 7B's down): two chunks, 51.0 against 51.7 µs in four, and half the partial sums
+        return bm, bn, 128, 4, 4, 2  # for the next kernel to add (a 64-row 7B tree step 55 µs faster, H100)
     chunks = 1 << (triton.cdiv(384, triton.cdiv(n, bn)).bit_length() - 1)  # ~384 programs, a power of two
     return bm, bn, 128, 4, 3, max(1, min(16, chunks))
 
