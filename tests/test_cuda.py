@@ -184,12 +184,12 @@ def test_add_rms_norm_adds_in_place_and_normalizes(dtype, tol):
 
 @pytest.mark.parametrize("rows", [1, 2, 5, 48, 64, 65])
 @pytest.mark.parametrize("n,k,bias", [(2048, 1536, True), (1536, 8960, False), (17920, 1536, False),
-                                      (1000, 1500, True)])
+                                      (3584, 18944, False), (1000, 1500, True)])
 def test_linear_is_torchs_linear(rows, n, k, bias):
-    """The decoding steps' projection kernels against F.linear in fp32, on the 1.5B's shapes and a ragged one
-    (N and K not multiples of any tile). Catches a dropped bias, the last program's spare rows stored over
-    the next row's output, columns past K read as weights, the first (preloaded) tile counted twice or
-    skipped, and rows of a step past the first left out."""
+    """The decoding steps' projection kernels against F.linear in fp32, on the 1.5B's shapes, the 7B's down
+    projection (long rows: two column chunks) and a ragged one (N and K not multiples of any tile). Catches a
+    dropped bias, the last program's spare rows stored over the next row's output, columns past K read as
+    weights, the first (preloaded) tile counted twice or skipped, and rows of a step past the first left out."""
     from engine import kernels
 
     torch.manual_seed(rows)
@@ -281,6 +281,36 @@ def _write_late(src: torch.Tensor, dst: torch.Tensor) -> None:
 
     n = src.numel()
     late_copy[(triton.cdiv(n, 1024),)](src, dst, n, 300_000, BLOCK=1024, launch_pdl=True)
+
+
+@pytest.mark.parametrize("hkv,rep,T,L", [(2, 6, 1, 2560), (4, 7, 64, 2560), (2, 6, 64, 300), (2, 6, 48, 64)])
+def test_attention_merges_every_key_chunk_once(hkv, rep, T, L):
+    """The attention kernel splits the keys over programs and a second kernel merges their partial softmaxes.
+    Against torch's attention, called over and over and from a replayed graph: catches a merge that misses or
+    repeats a chunk, or reads a chunk's stale partials. The shapes: one-token decode (40 chunks), the 7B's and
+    the 1.5B's tree steps (4 and 11 chunks), a single chunk."""
+    from engine import kernels
+    from engine.model import folded_attention
+
+    torch.manual_seed(0)
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    q, kv = torch.randn(hkv, rep * T, 128, **bf), torch.randn(2, hkv, L + 64, 128, **bf)
+    mask = torch.ones(T, L, dtype=torch.bool, device="cuda")
+    mask[:, L - T :] = torch.rand(T, T, device="cuda") < 0.3
+    mask[torch.arange(T), L - T + torch.arange(T)] = True
+    bias = torch.zeros(T, L, **bf).masked_fill_(~mask, float("-inf"))
+    want = folded_attention(q.float(), kv.float(), bias.float(), hkv * rep)
+    tol = 2e-2 * want.abs().max().item()
+    for _ in range(20):
+        assert (kernels.attention(q, kv, bias, hkv * rep).float() - want).abs().max().item() < tol
+    graph, side = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.graph(graph, stream=side):
+        out = kernels.attention(q, kv, bias, hkv * rep)
+    for _ in range(20):
+        out.zero_()
+        graph.replay()
+        assert (out.float() - want).abs().max().item() < tol
 
 
 def test_each_kernel_waits_for_the_one_before_it():
