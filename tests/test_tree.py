@@ -312,6 +312,28 @@ def test_recycling_grows_the_most_probable_tree() -> None:
     assert bounded.successors(112, 12) == bounded.successors(None, 19)  # the oldest kept pair, the newest row
 
 
+def test_pair_table_keeps_the_newest_pairs_through_many_evictions() -> None:
+    """The (previous, token) rows live in a ring found through an open-addressing hash table whose deletions
+    move later entries back. Thousands of pairs from a small alphabet (repeats, evictions, long probe runs in a
+    table sized for 64) against a plain dict model: catches a deletion that strands an entry past an empty slot
+    (a kept pair no longer found), a re-seen pair given a second row, and an evicted pair still found."""
+    rec = Recycling(top_k=1, max_pairs=64, vocab=64)
+    rng = np.random.default_rng(0)
+    model: dict[tuple[int, int], int] = {}  # pair -> its newest successor, in insertion order of their rows
+    for step in range(3000):
+        prev, token = (int(x) for x in rng.integers(0, 40, 2))
+        rec.remember(np.array([token]), np.array([[step % 64]]), np.array([[0.5]], np.float32), np.array([prev]))
+        if (prev, token) not in model and len(model) == 64:
+            del model[next(iter(model))]  # the ring's oldest row goes
+        model[prev, token] = step % 64
+        if step % 97 == 0 or step > 2900:
+            assert len(rec.pairs) == len(model)
+            for (p, t), successor in model.items():
+                assert rec.successors(p, t)[0] == (successor,)
+            gone = [(p, t) for p in range(40) for t in range(40) if (p, t) not in model]
+            assert not any(pair_key(p, t) in rec.pairs for p, t in gone)
+
+
 def test_calibration_learns_from_the_true_path() -> None:
     """A source that is always right gains confidence, one that is always wrong loses it; only guesses whose
     parent was right count. Catches calibration that never moves (budget never follows the sources)."""
@@ -598,10 +620,10 @@ def test_recycling_table_is_sized_for_the_vocabulary_once(tiny_engine) -> None:
     each fresh table, every bench case, paid ~6 copies of up to 5 MB for Qwen's vocabulary; a token past its rows
     is now an error). Catches the table built without the model's vocabulary size."""
     engine = tiny_engine("qwen2")
-    table = engine.sessions.recycling.table_ids
+    table = engine.sessions.recycling.table
     assert len(table) == engine.model.args.vocab_size
     complete(engine, REPETITIVE, decoding="tree", tree=TreeConfig(16), max_tokens=24)
-    assert engine.sessions.recycling.table_ids is table and (table[:, 0] >= 0).any()
+    assert engine.sessions.recycling.table is table and (table[:, 0, 0] >= 0).any()
 
 
 def test_history_remembers_per_document_and_workspace(tiny_engine) -> None:
