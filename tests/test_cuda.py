@@ -283,12 +283,14 @@ def _write_late(src: torch.Tensor, dst: torch.Tensor) -> None:
     late_copy[(triton.cdiv(n, 1024),)](src, dst, n, 300_000, BLOCK=1024, launch_pdl=True)
 
 
-@pytest.mark.parametrize("hkv,rep,T,L", [(2, 6, 1, 2560), (4, 7, 64, 2560), (2, 6, 64, 300), (2, 6, 48, 64)])
+@pytest.mark.parametrize("hkv,rep,T,L", [(2, 6, 1, 2560), (4, 7, 64, 2560), (2, 6, 64, 300), (2, 6, 48, 64),
+                                         (1, 3, 7, 300)])
 def test_attention_merges_every_key_chunk_once(hkv, rep, T, L):
     """The attention kernel splits the keys over programs and a second kernel merges their partial softmaxes.
     Against torch's attention, called over and over and from a replayed graph: catches a merge that misses or
     repeats a chunk, or reads a chunk's stale partials. The shapes: one-token decode (40 chunks), the 7B's and
-    the 1.5B's tree steps (4 and 11 chunks), a single chunk."""
+    the 1.5B's tree steps (4 and 11 chunks), a single chunk, and an odd count of folded rows above 16 (the
+    merge's last program of two rows holds a padding row, whose store must stay masked off)."""
     from engine import kernels
     from engine.model import folded_attention
 
