@@ -367,17 +367,15 @@ def skinny_config(m: int, n: int, k: int) -> tuple[int, int, int, int, int, int]
     against 74.9 at best) stay with cuBLAS. (On an H100 the 7B's gate/up goes the other way: 106 against 99 µs.)
     Narrow outputs are split into column chunks (partial sums) so that a few hundred programs share the weight."""
     bm = max(16, triton.next_power_of_2(m))
-    if k > 2048 and n > k:  # the 7B's q/k/v: cuBLAS 14.1 against 18.3 µs on an H100 (15.2 at best)
-        return None
+    if k > 2048 and (n > k or n >= 8192):  # long rows into wider outputs (the 7B's q/k/v: cuBLAS 14.1 against
+        return None  # 18.3 µs on an H100, 15.2 at best; its gate/up and LM head)
     if n >= 8192:
-        if k > 2048:
-            return None
         return (bm, 128, 64, 4, 3, 1) if n >= 65536 else (bm, 128, 64, 8, 4, 1)
     bn = 32 if n <= 2048 else 64
-    if k < 4096:
+    # Short rows, and long ones (K >= 16,384: the 7B's down, 51.0 against 51.7 µs in four chunks, and half the
+    # partial sums for the next kernel to add; about 55 µs off a 64-row 7B tree step on an H100): two chunks.
+    if k < 4096 or k >= 16384:
         return bm, bn, 128, 4, 4, 2
-    if k >= 16384:  # long rows (the 7B's down): two chunks, 51.0 against 51.7 µs in four, and half the partial sums
-        return bm, bn, 128, 4, 4, 2  # for the next kernel to add (about 55 µs off a 64-row 7B tree step, H100)
     chunks = 1 << (triton.cdiv(384, triton.cdiv(n, bn)).bit_length() - 1)  # ~384 programs, a power of two
     return bm, bn, 128, 4, 3, max(1, min(16, chunks))
 
