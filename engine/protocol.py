@@ -19,7 +19,7 @@ from .errors import AheadError, BadRequest
 from .stops import StopRules
 
 if TYPE_CHECKING:
-    from .request import CompletionRequest
+    from .request import CompletionRequest, Switches
 
 PROTOCOL_VERSION = 1
 MAX_FRAME_BYTES = 16 << 20  # a frame holding a whole large file plus context stays far below this
@@ -153,3 +153,12 @@ def completion_request(params: dict) -> CompletionRequest:
     )
     request.validate()
     return request
+
+
+def completion_switches(params: dict) -> Switches:
+    """The `complete` method's `type_through`: a client that knows which suggestions the editor showed (the
+    language server) serves the typed-through rest itself and turns the engine's own off, which would also
+    answer from a suggestion the client dropped unseen (superseded after the engine had finished it)."""
+    from .request import Switches
+
+    return Switches(type_through=_get(params, "type_through", bool, True))

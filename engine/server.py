@@ -233,12 +233,12 @@ class Daemon:
         loop = asyncio.get_running_loop()
         job: Job | None = None
         try:
-            request = protocol.completion_request(params)
+            request, switches = protocol.completion_request(params), protocol.completion_switches(params)
             on_text = None
             if params.get("stream"):
                 def on_text(text: str) -> None:  # called on the engine thread
                     loop.call_soon_threadsafe(send, {"id": request_id, "partial": {"text": text}})
-            job = self.worker.submit(request, on_text=on_text, client=client)
+            job = self.worker.submit(request, switches=switches, on_text=on_text, client=client)
             jobs[request_id] = job
             completion = await asyncio.wrap_future(job.future)
             total_ms = (time.perf_counter() - received) * 1e3

@@ -49,6 +49,7 @@ def engine_params(settings: Settings, document: str, prefix: str, suffix: str, p
     params: dict = {
         "prefix": prefix, "suffix": suffix, "document": document, "max_tokens": settings.max_tokens,
         "decoding": settings.decoding,
+        "type_through": False,  # ours (typing_cache.py) knows what the editor was shown; the engine's does not
         "stop": {"block_end": stop.block_end, "suffix_overlap": stop.suffix_overlap, "line_end": stop.line_end,
                  "max_lines": settings.max_lines},
     }

@@ -162,6 +162,7 @@ def test_malformed_frames_get_error_replies_and_the_server_lives_on(daemon: Path
             ({"id": 6, "method": "complete", "params": {"prefix": "x", "lookahead": "abc"}}, "bad_request"),
             ({"id": 7, "method": "complete", "params": {"prefix": CODE, "max_tokens": 10_000}}, "does_not_fit"),
             ({"id": 8, "method": "complete", "params": {"prefix": ""}}, "bad_request"),  # tiny model: no BOS
+            ({"id": 9, "method": "complete", "params": {"prefix": "x", "type_through": "no"}}, "bad_request"),
         ]
         for frame, code in cases:
             s.sendall(msgpack.packb(frame))

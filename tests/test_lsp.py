@@ -307,6 +307,26 @@ def test_type_through_answers_without_the_engine(lsp: Session) -> None:
     assert after["backend"]["requests"] == before["backend"]["requests"]  # the engine saw nothing
 
 
+def test_a_suggestion_the_editor_never_saw_is_not_typed_through(lsp: Session, daemon, local) -> None:
+    """Catches: the engine's own type-through answering the language server from a suggestion the editor was
+    never shown (in a storm: a request the server had superseded just after the engine finished it). That
+    answer is the tail of an older, shorter-sighted completion instead of the one for the typed text."""
+    from engine.client import EngineClient
+
+    sock, _ = daemon
+    uri = "file:///work/unseen.py"
+    text = CODE + "def fib5(n):\n    "
+    lsp.open(uri, text)
+    with EngineClient(sock, timeout=60) as engine:  # the engine finishes a suggestion nobody shows
+        unseen = engine.complete(prefix=text, suffix="", document=uri, max_tokens=3, decoding="ar",
+                                 stop="raw")["text"]
+    lsp.edit(uri, len(text), len(text), unseen[0])
+    typed = lsp.texts[uri]
+    want = expected(local, typed, "")
+    assert unseen[1:].strip() and unseen[1:] != want, (unseen, want)  # else this test could not fail
+    assert item_text(lsp.inline(uri, len(typed))) == want
+
+
 def test_newer_request_supersedes_the_older_and_equal_ones_share_one(lsp: Session, local) -> None:
     """Catches: an older request answered late (or with stale text) after a newer one for the same document,
     and two requests at the same cursor (inline + completion) costing two engine requests."""
