@@ -16,7 +16,7 @@ from numba import njit
 from .sources import PROB_BOUNDS, PROB_KEYS
 
 # Prior acceptance chance of a source's token before any evidence (weight PRIOR_WEIGHT observations).
-PRIORS = {"prompt": 0.4, "history": 0.5, "jacobi": 0.2, "recycling": 0.3}
+PRIORS = {"prompt": 0.4, "history": 0.5, "jacobi": 0.2, "recycling": 0.3, "heal": 0.5}
 PRIOR_WEIGHT = 4.0
 DEPTHS = 9  # depths 1..8 are counted apart; deeper guesses share the last bucket
 MAX_SOURCES = 8  # sources a trie node can record (the trie's key columns)

@@ -19,6 +19,7 @@ import torch
 from .collector import collections_held
 from .decoding import DecodeState, decode_ar, heal
 from .errors import AheadError, BadRequest, Cancelled, DoesNotFit, EngineBusy, OutOfMemory
+from .healing import Healing
 from .loading import Log, build_model, load_checkpoint, release_weights, resolve_device, resolve_dtype, stderr_log
 from .lookahead import LookaheadConfig, decode_lookahead
 from .model import WHOLE
@@ -262,14 +263,15 @@ class Engine:
         watch = CompletionText(self.codec, prompt.healed, stopper, on_text)
         state = DecodeState(list(ids), request.max_tokens, self.codec.stop_ids, on_commit=watch.on_commit,
                             cancelled=cancelled)
-        heal(self.runner, self.codec, state, prompt.healed)
+        if tree is None:
+            heal(self.runner, self.codec, state, prompt.healed)
         if cfg is not None:
             decode_lookahead(self.runner, state, cfg, session.pool_for(ids, cfg, switches.persistent_pool))
         elif tree is not None:
             # Without fill-in-the-middle the prompt lacks the code after the cursor, which completions often copy.
             extra = [] if prompt.fim else suffix_window(self.codec, suffix, self.options.budget)
             drafters = self.sessions.drafters(session, state.seq, tree, extra, switches.persistent_pool)
-            decode_tree(self.runner, state, tree, drafters)
+            decode_tree(self.runner, state, tree, drafters, healing=Healing(self.codec, prompt.healed))
             self.sessions.completed(session, ids, state.new, switches.persistent_pool)
         else:
             decode_ar(self.runner, state)

@@ -153,6 +153,11 @@ class Codec:
             exact.setdefault(b, []).append(i)
         return [b for b, _ in pairs], np.array([i for _, i in pairs], dtype=np.int64), exact
 
+    def exact_token(self, text: bytes) -> int | None:
+        """A token whose bytes are exactly `text` (the lowest id), or None."""
+        ids = self._tokens_by_bytes[2].get(text)
+        return ids[0] if ids else None
+
     def to_bytes(self, ids: list[int]) -> bytes:
         # Ids past the tokenizer's vocabulary (padded embedding rows, as in Qwen2.5) have no text.
         table = self.token_bytes

@@ -80,12 +80,13 @@ class TokenTrie:
         self.size = add_path(self.token, self.parent, self.depth, self.first_child, self.next_sibling, self.keys,
                              self.size, np.asarray(tokens, np.int64), key, column)
 
-    def graft(self, tokens: np.ndarray, parents: np.ndarray, keys: np.ndarray, column: int) -> None:
-        """Add a whole draft tree at once: its node j is tokens[j] under its node parents[j] (-1: the root),
-        parents first, with calibration key keys[j]. Cheaper than inserting each root-to-leaf path."""
+    def graft(self, tokens: np.ndarray, parents: np.ndarray, keys: np.ndarray, column: int, under: int = 0) -> None:
+        """Add a whole draft tree at once: its node j is tokens[j] under its node parents[j] (-1: trie node
+        `under`, by default the root), parents first, with calibration key keys[j]. Cheaper than inserting each
+        root-to-leaf path."""
         self.reserve(len(tokens))
         self.size = graft_nodes(self.token, self.parent, self.depth, self.first_child, self.next_sibling, self.keys,
-                                self.size, tokens, parents, keys, column)
+                                self.size, tokens, parents, keys, column, under)
 
     def child(self, node: int, token: int) -> int:
         """The child of `node` holding `token` (-1: none)."""
@@ -150,10 +151,10 @@ def add_path(token, parent, depth, first_child, next_sibling, keys, size, tokens
 
 
 @njit(cache=True)
-def graft_nodes(token, parent, depth, first_child, next_sibling, keys, size, tokens, parents, node_keys, column):
+def graft_nodes(token, parent, depth, first_child, next_sibling, keys, size, tokens, parents, node_keys, column, under):
     where = np.empty(len(tokens), np.int64)  # the trie node of each grafted node
     for j in range(len(tokens)):
-        at = where[parents[j]] if parents[j] >= 0 else 0
+        at = where[parents[j]] if parents[j] >= 0 else under
         where[j], size = add_node(token, parent, depth, first_child, next_sibling, keys, size, at, tokens[j],
                                   node_keys[j], column)
     return size

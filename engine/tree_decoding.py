@@ -16,7 +16,8 @@ from typing import ClassVar
 import numpy as np
 
 from .calibration import Calibration
-from .decoding import DecodeState, decode_ar
+from .decoding import DecodeState, decode_ar, heal
+from .healing import Healing
 from .runner import Runner, StepShape
 from .sources import Draft, Source
 from .sources.jacobi import JacobiWindow
@@ -125,14 +126,17 @@ def learn(state: DecodeState, calibration: Calibration, trie: TokenTrie, commit:
 
 
 def decode_tree(runner: Runner, state: DecodeState, cfg: TreeConfig, drafters: Drafters,
-                overlap: bool | None = None) -> None:
-    """Greedy decoding, several tokens per step where the drafts are right.
+                overlap: bool | None = None, healing: Healing | None = None) -> None:
+    """Greedy decoding, several tokens per step where the drafts are right; `healing`: the text token healing
+    removed, re-typed within the first steps (`engine/healing.py`) rather than by one-row steps before them.
 
     With `overlap` (the default on a GPU, where a replay returns before the GPU is done) the step runs
     while the host learns from the step before it (`learn`), so that drafting, reading the
     result and the recycling table (whose freshest rows the very next tree needs) are all that sit
     between two steps."""
     if cfg.budget < 2:
+        if healing:
+            heal(runner, healing.codec, state, healing.rest)
         return decode_ar(runner, state)
     shape = cfg.shape()
     sources, recycling, window, calibration = drafters.text, drafters.recycling, drafters.window, drafters.calibration
@@ -148,6 +152,9 @@ def decode_tree(runner: Runner, state: DecodeState, cfg: TreeConfig, drafters: D
         room = cfg.budget - 1 - rows
         trie = tries[state.steps % 2]
         trie.reset(seq[-1])
+        healing_now = bool(healing)
+        if healing_now:
+            healing.draft(trie, seq, cfg.depth, room, calibration, recycling)
         for source in sources:
             insert_drafts(trie, source.propose(seq, cfg.depth, min(room, TEXT_DRAFTS)), calibration)
         if recycling is not None:
@@ -155,9 +162,13 @@ def decode_tree(runner: Runner, state: DecodeState, cfg: TreeConfig, drafters: D
         if window is not None:
             insert_drafts(trie, window.propose(seq, cfg.depth, room), calibration)
         trie.score(calibration)
+        if healing_now:
+            healing.prune(trie)
         chosen = trie.select(room)
         step = build_step(cfg.budget, trie, chosen, window.layout() if window else None,
                           window.tokens() if window else ())
+        if healing_now:
+            healing.plan(step, chosen)
         load(runner, shape, step)
         argmax, logits = runner.step(shape, step.tokens, p)
         # The argmax's copy is queued before the top-k, so reading it does not wait for the top-k kernels.
@@ -167,6 +178,8 @@ def decode_tree(runner: Runner, state: DecodeState, cfg: TreeConfig, drafters: D
         if pending is not None:
             pending()  # while the GPU runs the step
         pred = greedy.values()[0].numpy()
+        if healing_now:
+            pred = healing.constrain(pred, logits)
 
         path, bonus = accept(trie, step, pred)
         commit = [*trie.token[path].tolist(), int(bonus)]
@@ -175,6 +188,8 @@ def decode_tree(runner: Runner, state: DecodeState, cfg: TreeConfig, drafters: D
             recycling.remember(step.tokens[: step.used], ids.numpy(), probs.numpy(),
                                step.previous(seq[-2] if len(seq) > 1 else None))
         kept = state.commit(commit)
+        if healing_now:
+            healing.advance(commit[:kept])
         drafted = path[:kept]  # committed tokens that drafts got right (the bonus is the model's own)
         pending = partial(learn, state, calibration, trie, commit, drafted)
         if not overlap:

@@ -81,3 +81,41 @@ def test_healing_candidates_agree_with_removed_bytes(smollm2_engine) -> None:
     assert any(len(table[i]) > len(removed) for i in candidates)  # e.g. "fiber": longer tokens count too
     assert codec.token_id("fi") in codec.healing_candidates(b"fib")
     assert codec.token_id("ib") not in candidates
+
+
+@pytest.mark.slow
+def test_tree_decoding_heals_within_its_steps_exactly_as_ar(smollm2_engine, bench_cases) -> None:
+    """Tree decoding re-types the healed bytes inside its own steps, with AR's tokens. Catches rows judged by the
+    plain greedy choice where healing's constrained one applies (other tokens than AR's healing picks), a
+    constraint left on after the bytes are re-typed, and healing run as one-row steps before the tree's (a step
+    each, for nothing the tree could not have checked)."""
+    from engine.runner import DECODE
+    from engine.tree_decoding import TreeConfig
+
+    runner = smollm2_engine.runner
+    shapes: list[str] = []
+    step = runner.step
+
+    def counted(shape, *args, **kwargs):
+        shapes.append(shape.name)
+        return step(shape, *args, **kwargs)
+
+    prompts = [HALF_TYPED, INDENTED, *(case["prefix"] for case in bench_cases[:4])]
+    kw = dict(max_tokens=24, reuse_kv=False, type_through=False, heal=True)
+    fused = 0
+    for k, prompt in enumerate(prompts):
+        ar = complete(smollm2_engine, prompt, decoding="ar", document=f"heal-ar-{k}", **kw)
+        runner.step = counted
+        try:
+            shapes.clear()
+            tree = complete(smollm2_engine, prompt, decoding="tree", tree=TreeConfig(32), document=f"heal-tree-{k}",
+                            **kw)
+        finally:
+            del runner.step
+        assert tree.tokens == ar.tokens and tree.text == ar.text, k
+        assert DECODE.name not in shapes and shapes.count("tree32") == tree.steps, k  # (prefill's steps besides)
+        codec = smollm2_engine.codec
+        removed = codec.token_bytes[codec.encode(prompt)[-1]]
+        healing = next(n for n in range(1, len(ar.tokens) + 1) if len(codec.to_bytes(ar.tokens[:n])) >= len(removed))
+        fused += healing > 1 and tree.accepted_per_step[0] >= healing  # a multi-token healing in one step
+    assert fused >= 1

@@ -38,6 +38,7 @@ from .. import engine as engine_module
 from .. import flags, tree_decoding
 from ..calibration import Calibration
 from ..decoding import DecodeState
+from ..healing import Healing
 from ..request import CompletionRequest
 from ..runner import DECODE, Runner, StepShape, sync
 from ..sources.history import HistoryLookup
@@ -58,6 +59,8 @@ PARTS = [  # (owner, attribute, label): what the tree loop calls, timed where it
     (PromptLookup, "observe", "prompt lookup observe"), (HistoryLookup, "propose", "history"),
     (HistoryLookup, "observe", "history observe"), (DecodeState, "commit", "commit + stop rules"),
     (Runner, "move_slots", "slot moves (queued)"), (Runner, "flush_moves", "slot moves made apart"),
+    (Healing, "draft", "healing drafts"), (Healing, "prune", "healing prune"),
+    (Healing, "constrain", "healing choice"),
 ]
 
 
@@ -133,9 +136,9 @@ def as_list(tokens: list[int] | Tensor | np.ndarray) -> list[int]:
 
 @contextmanager
 def recording(runner: Runner, log: list) -> Iterator[None]:
-    """Append each step's (shape name, tokens, argmax, logits of one-row steps) and each recycling top-k's
-    (ids, probs) to `log`, in call order."""
-    step, top = runner.step, Recycling.top
+    """Append each step's (shape name, tokens, argmax, logits of one-row steps), each recycling top-k's
+    (ids, probs) and each healing step's constrained predictions to `log`, in call order."""
+    step, top, constrain = runner.step, Recycling.top, Healing.constrain
 
     def record_step(shape: StepShape, tokens: list[int] | Tensor, base: int, graph: bool = True):
         argmax, logits = step(shape, tokens, base, graph)
@@ -148,12 +151,17 @@ def recording(runner: Runner, log: list) -> Iterator[None]:
         log.append(("top-k", ids.clone(), probs.clone()))
         return ids, probs
 
-    runner.step, Recycling.top = record_step, record_top
+    def record_constrain(self: Healing, pred: np.ndarray, logits: Tensor) -> np.ndarray:
+        out = constrain(self, pred, logits)
+        log.append(("healing", out.copy(), None))
+        return out
+
+    runner.step, Recycling.top, Healing.constrain = record_step, record_top, record_constrain
     try:
         yield
     finally:
         del runner.step
-        Recycling.top = top
+        Recycling.top, Healing.constrain = top, constrain
 
 
 @contextmanager
@@ -161,7 +169,7 @@ def replaying(runner: Runner, log: list) -> Iterator[None]:
     """Steps and top-k answered from `log`: the runner still stages each step's inputs and slot moves, but
     runs no forward (nor graph)."""
     answers = iter(log)
-    step, top = runner.step, Recycling.top
+    step, top, constrain = runner.step, Recycling.top, Healing.constrain
     answer: list = []
 
     def replay_step(shape: StepShape, tokens: list[int] | Tensor, base: int, graph: bool = True):
@@ -177,12 +185,19 @@ def replaying(runner: Runner, log: list) -> Iterator[None]:
             raise ReplayMismatch(f"the replay asked for a top-k where the recording has {kind}")
         return ids, probs
 
-    runner.step, runner._forward, Recycling.top = replay_step, lambda shape, visible: tuple(answer), replay_top
+    def replay_constrain(self: Healing, pred: np.ndarray, logits: Tensor) -> np.ndarray:
+        kind, out, _ = next(answers, ("the end of the recording", None, None))
+        if kind != "healing":
+            raise ReplayMismatch(f"the replay asked for healing's predictions where the recording has {kind}")
+        return out
+
+    runner.step, runner._forward = replay_step, lambda shape, visible: tuple(answer)
+    Recycling.top, Healing.constrain = replay_top, replay_constrain
     try:
         yield
     finally:
         del runner.step, runner._forward
-        Recycling.top = top
+        Recycling.top, Healing.constrain = top, constrain
 
 
 def bare_steps(engine, sizes: list[int], base: int, replays: int = 50) -> dict[str, dict[str, float]]:

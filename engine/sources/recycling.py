@@ -77,16 +77,18 @@ class Recycling:
         successors = (self.ring if kind == 1 else self.table)[row]
         return tuple(int(t) for t in successors[0]), tuple(successors[1].tolist())
 
-    def grow(self, trie: TokenTrie, seq: list[int], depth: int, limit: int, calibration: Calibration) -> int:
-        """Add to `trie` the `limit`-node tree most probable under the tables, grown from the last committed
-        token (its root), each node keyed by the probability bucket of its own token; returns the nodes grown.
+    def grow(self, trie: TokenTrie, seq: list[int], depth: int, limit: int, calibration: Calibration,
+             under: int = 0) -> int:
+        """Add to `trie` the `limit`-node tree most probable under the tables, grown from the last token of `seq`
+        (trie node `under`: by default the root, the last committed token), each node keyed by the probability
+        bucket of its own token; returns the nodes grown.
 
         Best-first over "the j-th successor of node n": successors are stored most probable first,
         so taking one only needs its next sibling and its own first successor on the heap."""
         prev = seq[-2] if len(seq) > 1 else -1
         tokens, parents, keys = best_first(seq[-1], prev, depth, limit, calibration.recycling_keys,
                                            calibration.prob_bounds, self.table, self.ring, self.pairs.slots)
-        trie.graft(tokens, parents, keys, calibration.sources[self.name])
+        trie.graft(tokens, parents, keys, calibration.sources[self.name], under)
         return len(tokens)
 
 
