@@ -17,9 +17,9 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from .collector import collections_held
-from .decoding import DecodeState, decode_ar, heal
+from .decoding import DecodeState, decode_ar
 from .errors import AheadError, BadRequest, Cancelled, DoesNotFit, EngineBusy, OutOfMemory
-from .healing import Healing
+from .healing import Healing, heal
 from .loading import Log, build_model, load_checkpoint, release_weights, resolve_device, resolve_dtype, stderr_log
 from .lookahead import LookaheadConfig, decode_lookahead
 from .model import WHOLE

@@ -16,8 +16,8 @@ from typing import ClassVar
 import numpy as np
 
 from .calibration import Calibration
-from .decoding import DecodeState, decode_ar, heal
-from .healing import Healing
+from .decoding import DecodeState, decode_ar
+from .healing import Healing, heal
 from .runner import Runner, StepShape
 from .sources import Draft, Source
 from .sources.jacobi import JacobiWindow
