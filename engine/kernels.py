@@ -31,6 +31,10 @@ try:  # triton ships with CUDA builds of torch only
     import triton.language as tl
 except ImportError:  # pragma: no cover - CPU-only installs
     triton = None
+try:  # host-side TMA descriptors (Triton 3.4 on)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - CPU-only installs, older Triton
+    TensorDescriptor = None
 
 ENABLED = triton is not None and os.environ.get("AHEAD_NO_TRITON", "") != "1"
 
@@ -257,6 +261,23 @@ if triton is not None:
                  mask=(rows < M)[:, None] & (outs < N)[None, :])
 
     @triton.jit
+    def _wide_kernel(x_desc, w_desc, w, y, M, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                     STAGES: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr):
+        # y[M, N] = x[M, K] @ w[N, K]^T for a few rows and wide outputs: the skinny kernel's product with both
+        # operands' tiles moved by the TMA unit (descriptors), which zero-fills rows past M and columns past K.
+        n0 = tl.program_id(0) * BN
+        outs = n0 + tl.arange(0, BN)
+        lines = tl.arange(0, PREFETCH) * (1024 // w.dtype.element_ty.primitive_bitwidth)  # a line apart
+        _prefetch_l2(w + tl.minimum(outs, N - 1)[:, None] * K + tl.minimum(lines, K - 1)[None, :])
+        _await_inputs(PDL)
+        acc = tl.zeros([BM, BN], tl.float32)
+        for k0 in tl.range(0, K, BK, num_stages=STAGES):
+            acc = tl.dot(x_desc.load([0, k0]), w_desc.load([n0, k0]).T, acc)
+        rows = tl.arange(0, BM)
+        tl.store(y + rows[:, None] * N + outs[None, :], acc.to(y.dtype.element_ty),
+                 mask=(rows < M)[:, None] & (outs < N)[None, :])
+
+    @triton.jit
     def _step_layout_kernel(base_at, rel_pos, local, positions, slots, bias, T, L, BLOCK: tl.constexpr,
                             PDL: tl.constexpr):
         # Row t of a step at slot `base`: its position and slot, and its additive mask over slots [0, L): it sees
@@ -363,8 +384,8 @@ def skinny_config(m: int, n: int, k: int) -> tuple[int, int, int, int, int, int]
     """(row block, outputs a program, columns a step, warps, stages, column chunks) for a step of 2..64 rows, or
     None where cuBLAS does better. From a sweep at 48 rows on an H200 over the 1.5B's and the 7B's shapes (µs,
     cuBLAS -> this): 1.5B q/k/v 5.2 -> 3.8, output 5.4 -> 3.6, gate/up 18.5 -> 17.5, down 12.4 -> 9.5, LM head
-    121 -> 118; 7B output 12.2 -> 8.8, down 42.3 -> 38.2; the 7B's q/k/v (10.9 against 12.3) and gate/up (71.7
-    against 74.9 at best) stay with cuBLAS. (On an H100 the 7B's gate/up goes the other way: 106 against 99 µs.)
+    121 -> 118; 7B output 12.2 -> 8.8, down 42.3 -> 38.2; the 7B's q/k/v (10.9 against 12.3) stays with cuBLAS,
+    its gate/up and LM head go to `_wide_kernel` (`wide_config`).
     Narrow outputs are split into column chunks (partial sums) so that a few hundred programs share the weight."""
     bm = max(16, triton.next_power_of_2(m))
     if k > 2048 and (n > k or n >= 8192):  # long rows into wider outputs (the 7B's q/k/v: cuBLAS 14.1 against
@@ -380,21 +401,48 @@ def skinny_config(m: int, n: int, k: int) -> tuple[int, int, int, int, int, int]
     return bm, bn, 128, 4, 3, max(1, min(16, chunks))
 
 
+def wide_config(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[int, int, int, int, int] | None:
+    """(row block, outputs a program, columns a step, warps, stages) where `_wide_kernel` takes a step's product
+    from cuBLAS: wide outputs over long rows (the 7B's gate/up and LM head), in 16-bit, on a GPU with a TMA unit
+    (Hopper on), with the 16-byte alignment its descriptors need. On an H100, 64 rows, µs a call (28 weights
+    cycled in a graph, `.device/s16/sweep.py`): 7B gate/up cuBLAS 102.2 -> 99.2 (one row: 89.8), 7B LM head 396.0
+    -> 374.9 (one row: 351.5). The 7B's 64-row step: 6,346-6,423 -> 6,094-6,127 µs, its AR step 5,184-5,279
+    (`.device/s16/stepab.py`, builds alternating). The 1.5B's shapes keep the skinny kernel: a persistent TMA
+    kernel won alone there (24.1 against 27.8 µs) but lost in the step (2,124-2,141 against 2,070-2,077 µs)."""
+    T, K = x.shape
+    N = weight.shape[0]
+    if (TensorDescriptor is None or not 1 < T <= SKINNY_MAX_ROWS or bias is not None or N < 8192 or K <= 2048
+            or x.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != x.dtype or K % 8
+            or x.data_ptr() % 16 or weight.data_ptr() % 16 or not weight.is_contiguous()
+            or torch.cuda.get_device_capability(x.device)[0] < 9):
+        return None
+    return max(16, triton.next_power_of_2(T)), 128, 128, 4, 4
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, parts: bool = False) -> Tensor:
     """x @ weight.T (+ bias) for x [T, K]; the same as F.linear up to the order of its sums.
 
     One row (an AR step): `_gemv_kernel`. Up to SKINNY_MAX_ROWS rows (a tree step): `_skinny_kernel` where
-    `skinny_config` has one. Else (prefill chunks) cuBLAS. With `parts` the result is [chunks, T, N]: partial
-    sums over chunks of the columns (fp32 if more than one) for the next kernel to add (`rope_and_cache`,
-    `silu_mul`, `add_rms_norm`).
+    `skinny_config` has one, `_wide_kernel` where `wide_config` has one. Else (prefill chunks) cuBLAS. With
+    `parts` the result is [chunks, T, N]: partial sums over chunks of the columns (fp32 if more than one) for
+    the next kernel to add (`rope_and_cache`, `silu_mul`, `add_rms_norm`).
     """
     T, K = x.shape
     N = weight.shape[0]
     config = skinny_config(T, N, K) if 1 < T <= SKINNY_MAX_ROWS else None
+    x = x.contiguous()
+    wide = wide_config(x, weight, bias) if T > 1 and config is None else None
+    if wide is not None:
+        bm, bn, bk, warps, stages = wide
+        y = torch.empty(T, N, dtype=x.dtype, device=x.device)
+        _wide_kernel[(triton.cdiv(N, bn),)](TensorDescriptor(x, [T, K], [K, 1], [bm, bk]),
+                                            TensorDescriptor(weight, [N, K], [K, 1], [bn, bk]), weight, y, T, N, K,
+                                            BM=bm, BN=bn, BK=bk, STAGES=stages, PREFETCH=PREFETCH_LINES,
+                                            num_warps=warps, **_launch_options(x.device))
+        return y[None] if parts else y
     if T > 1 and config is None:
         out = torch.nn.functional.linear(x, weight, bias)
         return out[None] if parts else out
-    x = x.contiguous()
     b = bias if bias is not None else weight  # not read without HAS_BIAS
     if T == 1:
         y = torch.empty(T, N, dtype=x.dtype, device=x.device)

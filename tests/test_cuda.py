@@ -207,6 +207,29 @@ def test_linear_is_torchs_linear(rows, n, k, bias):
     assert (got.double() - want).abs().max().item() < 0.05 * want.abs().max().item()
 
 
+@pytest.mark.parametrize("rows", [2, 5, 33, 64])
+@pytest.mark.parametrize("n,k", [(8200, 2312), (37888, 3584)])
+def test_wide_kernel_is_torchs_linear(rows, n, k):
+    """The TMA kernel of a step's wide outputs over long rows (the 7B's gate/up; a ragged shape whose last tiles
+    run past N and past K) against F.linear on the same bf16 operands. Catches the descriptors' zero fill lost
+    (rows past the step or columns past K read as data), a tile of outputs or of columns skipped, and the last
+    program's spare outputs stored past N, over the next row's first ones."""
+    from engine import kernels
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the TMA kernel needs Hopper or later")
+    torch.manual_seed(rows)
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(n, k, device="cuda") * k**-0.5).bfloat16()
+    assert kernels.wide_config(x, w, None) is not None  # this shape does take the kernel
+    want = torch.nn.functional.linear(x.double(), w.double())
+    out = kernels.linear(x, w)
+    assert out.shape == (rows, n)
+    assert (out.double() - want).abs().max().item() < 1e-2 * want.abs().max().item()
+    parts = kernels.linear(x, w, parts=True)
+    assert parts.shape == (1, rows, n) and torch.equal(parts[0], out)
+
+
 @pytest.mark.parametrize("T,base,visible", [(1, 2559, 2560), (64, 2560, 2816), (5, 0, 256), (48, 1000, 2048)])
 def test_step_layout_is_the_runners_mask(T, base, visible):
     """`kernels.step_layout` against the runner's torch construction (its CPU path): positions, slots, and the
@@ -343,6 +366,9 @@ def test_each_kernel_waits_for_the_one_before_it():
     w = torch.randn(2048, 1536, **bf) * 1536**-0.5
     check(torch.randn(1, 1536, **bf), lambda x: kernels.linear(x, w))  # the one-row GEMV
     check(torch.randn(48, 1536, **bf), lambda x: kernels.linear(x, w, parts=True))  # a tree step's product
+    wide = torch.randn(8200, 2312, **bf) * 2312**-0.5
+    if kernels.wide_config(torch.empty(48, 2312, **bf), wide, None) is not None:
+        check(torch.randn(48, 2312, **bf), lambda x: kernels.linear(x, wide))  # wide outputs over long rows (TMA)
     weight = torch.rand(1536, **bf) + 0.5
     streams = [torch.ones(48, 1536, **bf) for _ in range(3)]  # made before: a fill kernel would wait in between
     check(torch.randn(48, 1536, **bf), lambda d: kernels.add_rms_norm(streams.pop(), d, weight, 1e-6))
