@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+from . import recycling_prior
 from .collector import collections_held
 from .decoding import DecodeState, decode_ar
 from .errors import AheadError, BadRequest, Cancelled, DoesNotFit, EngineBusy, OutOfMemory
@@ -92,6 +93,9 @@ class EngineOptions:
     budget: PromptBudget | None = None  # None: sized for the device (sizing.default_budget)
     threads: int | None = None  # CPU threads; None: OMP_NUM_THREADS, else physical cores - 1 (at most 8)
     tp: int = 1  # tensor parallelism: processes (one per GPU) the model is split over (engine/parallel.py)
+    # Seed Token Recycling's table from the model (engine/recycling_prior.py); None: on a GPU without tensor
+    # parallelism (a CPU takes minutes for it the first time).
+    recycling_prior: bool | None = None
 
 
 class Engine:
@@ -118,6 +122,11 @@ class Engine:
         eos = self.checkpoint.config.eos_token_id
         self.codec = Codec(self.checkpoint.tokenizer, eos if isinstance(eos, list) else [eos])
         self.sessions = SessionStore(self.runner, options.kv_budget_mb << 20)
+        seed = options.recycling_prior
+        if seed or (seed is None and self.device.type == "cuda" and self.tp is None):
+            self.sessions.recycling_seed = recycling_prior.load_or_compute(self.runner, self.model.args.vocab_size,
+                                                                           log)
+            self.sessions.forget_learned()
         self._lookahead: LookaheadConfig | None = None
         self._tree: TreeConfig | None = None
         self._owner = threading.Lock()

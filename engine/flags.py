@@ -80,6 +80,9 @@ def add_engine_flags(parser: argparse.ArgumentParser, suppress: bool = False) ->
     group.add_argument("--tp", type=int_at_least(1), default=default(1), metavar="N",
                        help="tensor parallelism: split the model over N GPUs, one process each (NCCL); with "
                        "--device cpu, N processes (gloo). The KV heads must divide by N (default 1)")
+    group.add_argument("--recycling-prior", choices=("auto", "on", "off"), default=default("auto"),
+                       help="start Token Recycling's table from the model's own next-token guesses for every token, "
+                       "computed once and kept on disk (auto: on a GPU, without --tp)")
 
 
 def prompt_budget(args: argparse.Namespace) -> PromptBudget:
@@ -101,7 +104,8 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
     from .engine import EngineOptions
 
     return EngineOptions(model=args.model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
-                         budget=prompt_budget(args), threads=getattr(args, "threads", None), tp=getattr(args, "tp", 1))
+                         budget=prompt_budget(args), threads=getattr(args, "threads", None), tp=getattr(args, "tp", 1),
+                         recycling_prior={"on": True, "off": False}.get(getattr(args, "recycling_prior", "auto")))
 
 
 def engine_from_args(args: argparse.Namespace, checkpoint: Checkpoint | None = None) -> Engine:

@@ -17,6 +17,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -107,12 +108,15 @@ class SessionStore:
         self.sessions: OrderedDict[str, Session] = OrderedDict()  # least recently used first
         self.active: Session | None = None
         self.evictions = 0
+        self.recycling_seed: np.ndarray | None = None  # the recycling table's start (`engine/recycling_prior.py`)
         self.forget_learned()
 
     def forget_learned(self) -> None:
-        """Start tree decoding's shared memory afresh (benchmarks: no case may see its own earlier output)."""
+        """Start tree decoding's shared memory afresh (benchmarks: no case may see its own earlier output). The
+        recycling table goes back to its seed: that is the model's, not learned from any request."""
         self.workspace = SuffixAutomaton(WORKSPACE_HISTORY)
-        self.recycling = Recycling(vocab=self.runner.model.args.vocab_size)  # a row for every id the model has
+        # a row for every id the model has
+        self.recycling = Recycling(vocab=self.runner.model.args.vocab_size, seed=self.recycling_seed)
         self.calibration = Calibration()
 
     def drafters(self, session: Session, ids: list[int], cfg: TreeConfig, extra: Sequence[int] = (),

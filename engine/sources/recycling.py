@@ -32,28 +32,27 @@ Successors = tuple[tuple[int, ...], tuple[float, ...]]  # successor ids, most pr
 class Recycling:
     name = "recycling"
 
-    def __init__(self, top_k: int = TOP_K, max_pairs: int = MAX_PAIRS, vocab: int = 1 << 12):
-        """`vocab`: the model's vocabulary size (the token table's rows)."""
+    def __init__(self, top_k: int = TOP_K, max_pairs: int = MAX_PAIRS, vocab: int = 1 << 12,
+                 seed: np.ndarray | None = None):
+        """`vocab`: the model's vocabulary size (the token table's rows); `seed`: the token table to start from
+        (`engine/recycling_prior.py`: each token's successors with nothing before it), copied, else empty."""
         if vocab > 1 << 24:
             raise ValueError(f"a {vocab}-token vocabulary has ids float32 cannot hold exactly")
         self.top_k = top_k
         # A row is one token's successors: ids (float32, exact below 2**24; -1: none known), then their
         # probabilities, 64 bytes at top-8, so that reading a row costs one cache line, not two.
-        self.table = empty_rows(vocab, top_k)  # token -> its successors
+        if seed is not None and seed.shape != (vocab, 2, top_k):
+            raise ValueError(f"a seed table of shape {seed.shape} does not fit {vocab} tokens' top-{top_k}")
+        self.table = empty_rows(vocab, top_k) if seed is None else seed.copy()  # token -> its successors
         self.ring = empty_rows(max_pairs, top_k)  # (previous, token) -> its successors, the oldest pair replaced
         self.ring_keys = np.full(max_pairs, -1, np.int64)  # the pair each ring row holds
         self.written = np.zeros(1, np.int64)  # rows the ring has been given (the next one goes to written % size)
         self.pairs = PairIndex(max_pairs)  # pair_key(previous, token) -> its ring row
 
-    @torch.no_grad()
     def top(self, logits: Tensor, rows: int) -> tuple[Tensor, Tensor]:
         """Top-k successor ids and probabilities of the first `rows` rows, on the logits' device. On a GPU
         this only queues the work behind the step: reading the result is what waits for it."""
-        if kernels.usable(logits):
-            return kernels.top_k_probs(logits[:rows], self.top_k)
-        x = logits[:rows].float()
-        values, ids = x.topk(self.top_k, dim=-1)
-        return ids, (values - x.logsumexp(-1, keepdim=True)).exp()
+        return top_successors(logits, rows, self.top_k)
 
     def learn(self, tokens: list[int], logits: Tensor, previous: list[int | None] | None = None) -> None:
         """Row i's input token was tokens[i], after previous[i] (None: unknown); its logits say what follows."""
@@ -90,6 +89,16 @@ class Recycling:
                                            calibration.prob_bounds, self.table, self.ring, self.pairs.slots)
         trie.graft(tokens, parents, keys, calibration.sources[self.name], under)
         return len(tokens)
+
+
+@torch.no_grad()
+def top_successors(logits: Tensor, rows: int, k: int) -> tuple[Tensor, Tensor]:
+    """The k most probable next tokens of each of the first `rows` rows of `logits`, and their probabilities."""
+    if kernels.usable(logits):
+        return kernels.top_k_probs(logits[:rows], k)
+    x = logits[:rows].float()
+    values, ids = x.topk(k, dim=-1)
+    return ids, (values - x.logsumexp(-1, keepdim=True)).exp()
 
 
 def empty_rows(n: int, top_k: int) -> np.ndarray:
