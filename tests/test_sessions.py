@@ -310,3 +310,18 @@ def test_tiny_out_of_memory_mid_request_is_an_error_and_the_engine_keeps_serving
     engine.runner.step = real_step
     again = complete(engine, CODE, SUFFIX, document="A", max_tokens=12, decoding="ar")
     assert again.tokens == cold(engine, CODE, SUFFIX, max_tokens=12, decoding="ar").tokens
+
+
+def test_eviction_drops_the_oldest_parked_copies_until_the_rest_fit(tiny_engine: Callable[..., Engine]) -> None:
+    """Four parked copies, room for two: the two oldest go, the newest two stay. Catches a running total that
+    is not lowered as copies go (all four dropped) and eviction from the newest end."""
+    from engine.sessions import Session
+
+    store = tiny_engine("qwen2").sessions
+    store.sessions.clear()
+    for name in "abcd":
+        session = store.sessions[name] = Session(name)
+        session.tokens, session.parked = [1, 2], torch.empty(100)  # 400 bytes each
+    store._evict_until(800)
+    assert [s.parked is not None for s in store.sessions.values()] == [False, False, True, True]
+    assert store.evictions == 2 and store.sessions["a"].tokens == [] and store.sessions["d"].tokens == [1, 2]
