@@ -124,9 +124,14 @@ class Engine:
         self.sessions = SessionStore(self.runner, options.kv_budget_mb << 20)
         seed = options.recycling_prior
         if seed or (seed is None and self.device.type == "cuda" and self.tp is None):
-            self.sessions.recycling_seed = recycling_prior.load_or_compute(self.runner, self.model.args.vocab_size,
-                                                                           log)
-            self.sessions.forget_learned()
+            try:
+                self.sessions.recycling_seed = recycling_prior.load_or_compute(self.runner,
+                                                                               self.model.args.vocab_size, log)
+                self.sessions.forget_learned()
+            except (RuntimeError, ValueError) as exc:  # out of memory among them: the table only speeds drafting
+                log(f"ahead: could not seed Token Recycling's table ({str(exc).splitlines()[0]}); it starts empty")
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
         self._lookahead: LookaheadConfig | None = None
         self._tree: TreeConfig | None = None
         self._owner = threading.Lock()

@@ -78,3 +78,18 @@ def test_the_table_is_computed_once_per_model_and_read_back(tiny_engine, tmp_pat
 def test_off_by_default_on_a_cpu(tiny_engine):
     """A CPU takes minutes for a real vocabulary: the prior is for GPUs unless asked for."""
     assert tiny_engine("qwen2").sessions.recycling_seed is None
+
+
+def test_a_failed_seeding_leaves_a_working_engine_with_an_empty_table(tiny_engine, tmp_path, monkeypatch):
+    """Seeding is an optimization: running out of memory for it (or any other failure of the computation)
+    logs one line and the engine starts with an empty table, as it did before the prior existed."""
+    monkeypatch.setenv("AHEAD_HOME", str(tmp_path))
+
+    def fail(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 311.00 MiB")
+
+    monkeypatch.setattr(recycling_prior, "compute", fail)
+    engine = tiny_engine("qwen2", recycling_prior=True)
+    assert engine.sessions.recycling_seed is None
+    assert not (engine.sessions.recycling.table[:, 0, 0] >= 0).any()
+    assert complete(engine, "def f(x):\n    return", max_tokens=8, decoding="tree").tokens
