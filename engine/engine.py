@@ -266,6 +266,7 @@ class Engine:
 
         reused = session.reuse(ids[:-1], switches.reuse_kv)
         written = self.runner.prefill(ids[reused:-1], reused, cancelled)
+        self.sessions.learn_completed()  # while the GPU prefills, and before anything drafts
         session.written(ids[: reused + written])
         if reused + written < len(ids) - 1:
             raise Cancelled()

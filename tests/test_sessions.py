@@ -325,3 +325,20 @@ def test_eviction_drops_the_oldest_parked_copies_until_the_rest_fit(tiny_engine:
     store._evict_until(800)
     assert [s.parked is not None for s in store.sessions.values()] == [False, False, True, True]
     assert store.evictions == 2 and store.sessions["a"].tokens == [] and store.sessions["d"].tokens == [1, 2]
+
+
+def test_a_completion_is_learned_during_the_next_requests_prefill(tiny_engine: Callable[..., Engine]) -> None:
+    """The histories learn a finished completion when the next request prefills, not before its own answer;
+    forgetting what was learned (benchmarks) still leaves a document's history what it was taught. Catches the
+    learning left on the answer's path, never made, or lost to `forget_learned`."""
+    engine = tiny_engine("qwen2")
+    store = engine.sessions
+    first = complete(engine, "def fibonacci(n):\n    if n", max_tokens=12, decoding="tree", document="d")
+    doc = store.sessions["d"].history
+    assert first.tokens and doc.records == [] and store.workspace.records == []
+    complete(engine, "x = 1\n", max_tokens=1, decoding="ar", document="e")
+    assert doc.records[-1][-len(first.tokens):] == first.tokens and store.workspace.records == doc.records
+    second = complete(engine, "def fibonacci(n):\n    return", max_tokens=12, decoding="tree", document="d")
+    store.forget_learned()
+    assert len(doc.records) == 2 and doc.records[-1][-len(second.tokens):] == second.tokens
+    assert store.workspace.records == []
