@@ -217,9 +217,11 @@ def test_tune_shape_projects_from_real_tokens_per_step(smollm2_gguf, tmp_path, m
     previous.write_text(json.dumps({"results": [{"config": "2,3,1", "tokens_per_step": 2.0}]}))
     args = parse(["tune", "--shape", "tiny", "--model", str(smollm2_gguf), "--device", "cpu", "--max-seq-len", "256",
                   "--context", "64", "--replays", "3", "--grid", "2,2,0;2,3,1", "--tokens-per-step-from",
-                  str(previous)])
+                  str(previous), "--recycling-prior", "on"])
     configs, _, real_tps = tune.check_args(args)
-    result = tune.run_shape(tune.shape_engine(args), args, configs, real_tps)
+    engine = tune.shape_engine(args)
+    assert engine.sessions.recycling_seed is None  # random weights time steps only: no seeding, asked or not
+    result = tune.run_shape(engine, args, configs, real_tps)
 
     assert result["engine"].startswith("qwen2 2L/64d") and result["ar_step_ms"] > 0 and result["floor_ms"] > 0
     projected, plain = result["results"]  # the config measured on the real model comes first, though listed second

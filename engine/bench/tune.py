@@ -19,6 +19,7 @@ import math
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -229,7 +230,8 @@ def shape_engine(args: argparse.Namespace) -> Engine:
     dtype = resolve_dtype(args.dtype, device)
     torch.manual_seed(0)
     ckpt = Checkpoint(config, tokenizer, random_state_dict(config, device, dtype), f"random-{args.shape}")
-    engine = flags.engine_from_args(args, checkpoint=ckpt)
+    # Random weights time steps only: seeding their recycling table would cost a 7B seconds and a disk file.
+    engine = Engine(replace(flags.engine_options(args), recycling_prior=False), checkpoint=ckpt)
     ckpt.state_dict.clear()  # the model holds what it uses; the unfused Q/K/V and gate/up copies can go
     if device.type == "cuda":
         torch.cuda.empty_cache()
