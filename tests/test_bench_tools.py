@@ -116,6 +116,7 @@ def test_bench_without_quality_runs_no_stop_rules(engine, tmp_path):
     cases, cfg = compare.check_args(args)
     result = compare.run_bench(engine, args, cases, cfg)
     assert result["quality"] is None and "tokens_rules" not in result["per_case"][0]["methods"]["ar"]
+    assert result["recycling_prior"] is False  # said with every figure: tree decoding drafts more with it (a GPU's)
 
 
 def test_tokens_per_step_where_the_output_is_ars() -> None:

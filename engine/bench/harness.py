@@ -173,6 +173,7 @@ def engine_facts(engine: Engine) -> dict:
         "engine": engine.describe(),
         "device": engine.device_name(),
         "dtype": str(engine.dtype).removeprefix("torch."),
+        "recycling_prior": engine.sessions.recycling_seed is not None,  # tree decoding drafts more with it
     }
 
 
