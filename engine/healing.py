@@ -38,10 +38,15 @@ def healing_tensor(codec: Codec, removed: bytes, device: torch.device) -> Tensor
     return torch.tensor(codec.healing_candidates(removed), device=device)
 
 
-def choose(codec: Codec, rest: bytes, logits: Tensor) -> int:
-    """Healing's pick from one row of logits: the most likely token that agrees with the bytes `rest`."""
+def pick(codec: Codec, rest: bytes, logits: Tensor) -> Tensor:
+    """Healing's pick from one row of logits, left on its device: the most likely token that agrees with the
+    bytes `rest`."""
     candidates = healing_tensor(codec, rest, logits.device)
-    return int(candidates[logits[candidates].argmax()])
+    return candidates[logits[candidates].argmax()]
+
+
+def choose(codec: Codec, rest: bytes, logits: Tensor) -> int:
+    return int(pick(codec, rest, logits))
 
 
 def heal(runner: Runner, codec: Codec, state: DecodeState, removed: bytes) -> None:
@@ -128,6 +133,7 @@ class Healing:
     def constrain(self, pred: np.ndarray, logits: Tensor) -> np.ndarray:
         """The step's greedy predictions with each constrained row's replaced by healing's choice there."""
         pred = pred.copy()
-        for row, rest in self.rows:
-            pred[row] = choose(self.codec, rest, logits[row])
+        picks = torch.stack([pick(self.codec, rest, logits[row]) for row, rest in self.rows]).tolist()  # one sync
+        for (row, _), token in zip(self.rows, picks, strict=True):
+            pred[row] = token
         return pred
