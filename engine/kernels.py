@@ -63,26 +63,28 @@ if triton is not None:
     def _rope_cache_kernel(
         qkv, cos, sin, slots, kv, q_out, T, S,
         H: tl.constexpr, HKV: tl.constexpr, REP: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
-        PARTS: tl.constexpr, PDL: tl.constexpr,
+        PARTS: tl.constexpr, BT: tl.constexpr, PDL: tl.constexpr,
     ):
-        # qkv: [T, (H + 2 HKV) D], or PARTS partial sums of it (`linear(..., parts=True)`) added up here
-        t = tl.program_id(0)
+        # qkv: [T, (H + 2 HKV) D], or PARTS partial sums of it (`linear(..., parts=True)`) added up here.
+        # One head of BT tokens a program.
+        t = tl.program_id(0) * BT + tl.arange(0, BT)[:, None]  # [BT, 1]
         h = tl.program_id(1)
         _await_inputs(PDL)
         half = HALF
-        offs = tl.arange(0, HALF)
-        x1 = tl.zeros([HALF], tl.float32)
-        x2 = tl.zeros([HALF], tl.float32)
+        offs = tl.arange(0, HALF)[None, :]
+        ok = (t < T) & (offs < HALF)
+        x1 = tl.zeros([BT, HALF], tl.float32)
+        x2 = tl.zeros([BT, HALF], tl.float32)
         for part in tl.static_range(PARTS):
             row = qkv + (part * T + t) * (H + 2 * HKV) * D + h * D
-            x1 += tl.load(row + offs).to(tl.float32)
-            x2 += tl.load(row + half + offs).to(tl.float32)
+            x1 += tl.load(row + offs, mask=ok, other=0.0).to(tl.float32)
+            x2 += tl.load(row + half + offs, mask=ok, other=0.0).to(tl.float32)
         x1 = x1.to(q_out.dtype.element_ty).to(tl.float32)  # rounded where one whole product would be
         x2 = x2.to(q_out.dtype.element_ty).to(tl.float32)
-        slot = tl.load(slots + t)
+        slot = tl.load(slots + t, mask=t < T, other=0)
         if h < H + HKV:
-            c = tl.load(cos + t * half + offs)
-            s = tl.load(sin + t * half + offs)
+            c = tl.load(cos + t * half + offs, mask=ok, other=0.0)
+            s = tl.load(sin + t * half + offs, mask=ok, other=0.0)
             o1 = x1 * c - x2 * s
             o2 = x2 * c + x1 * s
             if h < H:
@@ -91,12 +93,12 @@ if triton is not None:
                 dst = q_out + (g * REP * T + r * T + t) * D
             else:
                 dst = kv + ((h - H) * S + slot) * D
-            tl.store(dst + offs, o1.to(q_out.dtype.element_ty))
-            tl.store(dst + half + offs, o2.to(q_out.dtype.element_ty))
+            tl.store(dst + offs, o1.to(q_out.dtype.element_ty), mask=ok)
+            tl.store(dst + half + offs, o2.to(q_out.dtype.element_ty), mask=ok)
         else:
             dst = kv + HKV * S * D + ((h - H - HKV) * S + slot) * D
-            tl.store(dst + offs, x1.to(q_out.dtype.element_ty))
-            tl.store(dst + half + offs, x2.to(q_out.dtype.element_ty))
+            tl.store(dst + offs, x1.to(q_out.dtype.element_ty), mask=ok)
+            tl.store(dst + half + offs, x2.to(q_out.dtype.element_ty), mask=ok)
 
     @triton.jit
     def _attn_partial_kernel(
@@ -369,6 +371,7 @@ def _launch_options(device: torch.device) -> dict:
 SHARED_MEMORY_BUDGET = 160 * 1024  # bytes of pipelined tiles a program may hold (Hopper has 227 KB a block)
 PREFETCH_LINES = 4  # 128-byte lines of each weight row a skinny program asks L2 for before its PDL wait
 SKINNY_MAX_ROWS = 64  # a step of up to this many rows runs `_skinny_kernel`; longer (prefill) chunks use cuBLAS
+ROPE_TOKENS = 16  # tokens a `_rope_cache_kernel` program rotates in prefill chunks (decoding steps: one)
 
 
 def gemv_config(n: int, k: int) -> tuple[int, int, int]:
@@ -477,8 +480,9 @@ def rope_and_cache(qkv: Tensor, cos: Tensor, sin: Tensor, slots: Tensor, kv: Ten
     _, hkv, S, D = kv.shape
     rep = n_heads // hkv
     q = torch.empty(hkv, rep * T, D, dtype=kv.dtype, device=qkv.device)
-    _rope_cache_kernel[(T, n_heads + 2 * hkv)](
-        qkv, cos, sin, slots, kv, q, T, S, H=n_heads, HKV=hkv, REP=rep, D=D, HALF=D // 2, PARTS=parts,
+    bt = ROPE_TOKENS if T > SKINNY_MAX_ROWS else 1
+    _rope_cache_kernel[(triton.cdiv(T, bt), n_heads + 2 * hkv)](
+        qkv, cos, sin, slots, kv, q, T, S, H=n_heads, HKV=hkv, REP=rep, D=D, HALF=D // 2, PARTS=parts, BT=bt,
         **_launch_options(q.device),
     )
     return q

@@ -1,12 +1,12 @@
 """Pay every CUDA graph capture before the engine reports ready, not during the first requests.
 
 Requests use the one-token decode step, the lookahead step(s), and prefill chunks padded to
-`runner.graph_prefill_sizes`, each at every visible-length bucket a step based anywhere in the cache
-can reach; captured lazily, a user typing pays ~60 ms per new (shape, bucket) and seconds on the first
-request. Measured on an H200, Qwen2.5-Coder-1.5B shape, 4096 slots: 111 graphs (five prefill sizes
-then) in 8.8 s (20.8 s on a fresh machine, where Triton also compiles its kernels), and the first
-3.1k-token request then took 180 ms instead of 4.9 s. The steps write junk K/V: the caller must
-treat the working cache as invalid.
+`runner.graph_prefill_sizes`, each at every visible-length bucket a step based anywhere in the cache can
+reach, and whole prompts padded to `runner.whole_prompt_sizes` (from slot 0: one length each); captured
+lazily, a user typing pays ~60 ms per new (shape, bucket) and seconds on the first request. Measured on
+an H200, Qwen2.5-Coder-1.5B shape, 4096 slots: 111 graphs (five prefill sizes then) in 8.8 s (20.8 s on
+a fresh machine, where Triton also compiles its kernels), and the first 3.1k-token request then took 180
+ms instead of 4.9 s. The steps write junk K/V: the caller must treat the working cache as invalid.
 """
 
 from __future__ import annotations
@@ -35,6 +35,11 @@ def capture_plan(
         # A step of T tokens based at slot b sees visible_len(b + T) slots, for b in 0 .. capacity - T.
         ends = sorted({runner.visible_len(end) for end in range(T, runner.capacity + 1)})
         plan.extend((shape, end) for end in ends if end <= limit and (shape.name, end) not in runner.graphs)
+    # Whole prompts run from slot 0 only, so each of their sizes reaches one cache length.
+    planned = {(shape.name, end) for shape, end in plan} | set(runner.graphs)
+    whole = [(causal_shape(b), runner.visible_len(b)) for b in sorted(runner.whole_prompt_sizes, reverse=True)
+             if b <= runner.capacity]
+    plan[:0] = [(shape, end) for shape, end in whole if end <= limit and (shape.name, end) not in planned]
     return plan
 
 

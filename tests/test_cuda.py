@@ -49,6 +49,22 @@ def test_graph_replay_matches_eager():
     assert torch.allclose(a, b, atol=1e-4)
 
 
+def test_a_whole_prompt_in_one_graph_writes_what_chunks_write():
+    """A long prompt from slot 0 runs as one padded step with causal attention (`Runner.whole_prompt_size`);
+    the next token's logits are those of an eager prefill in chunks with masks. Catches padding rows or the
+    causal kernel leaking into the prompt's K/V, or the whole-prompt path not taken."""
+    model = tiny_model(torch.float32)
+    eager, graphed = Runner(model, use_graphs=False), Runner(model, use_graphs=True)
+    ids = torch.randint(0, 512, (1301,)).tolist()
+    assert graphed.whole_prompt_size(1300, 0) == 1536 and graphed.whole_prompt_size(1300, 5) is None
+    logits = []
+    for runner in (graphed, eager):
+        runner.prefill(ids[:1300], 0)
+        logits.append(runner.step(DECODE, [ids[1300]], 1300)[1].clone())
+    assert ("causal1536", 1536) in graphed.graphs
+    assert torch.allclose(logits[0], logits[1], atol=1e-4), (logits[0] - logits[1]).abs().max()
+
+
 @pytest.mark.parametrize("cfg", ["8,4,8", "1,2,1", "4,6,0", "15,5,15", "3,3,3"])
 def test_lookahead_equals_ar_with_graphs(cfg):
     model = tiny_model(torch.float32)

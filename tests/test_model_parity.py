@@ -83,6 +83,47 @@ def test_tiny_parity_long_prefill(arch, tiny_config, tiny_model):
     check_parity(hf, ckpt, ids, k=150)
 
 
+def test_a_prompts_first_chunk_over_the_whole_cache_attends_causally(monkeypatch, tiny_config, tiny_model):
+    """A prefill chunk that spans the whole visible cache (based at slot 0) skips reading its mask (SDPA's
+    causal kernel); the chunk after it, over more slots than it has queries, keeps the mask. Both give the
+    reference's logits. Catches the causal kernel used for a later chunk (it would see only the first T slots,
+    and block_attention refuses it), or never used for the first."""
+    from engine import model as engine_model
+
+    hf, ckpt = tiny_model(tiny_config("qwen2"))
+    ids = torch.randint(0, hf.config.vocab_size, (370,), generator=torch.Generator().manual_seed(3)).tolist()
+    runner = runner_for(ckpt, 512)
+    runner.prefill_chunk = 256
+    calls = []
+    block_attention = engine_model.block_attention
+
+    def spy(q, kv, bias, n_heads, causal=False):
+        calls.append((*bias.shape, causal))
+        return block_attention(q, kv, bias, n_heads, causal)
+
+    monkeypatch.setattr(engine_model, "block_attention", spy)
+    assert_close(decode_logits(runner, ids, 356), reference_logits(hf, ids)[356:])  # chunks of 256 and 100
+    layers = hf.config.num_hidden_layers
+    assert calls == [(256, 256, True)] * layers + [(100, 512, False)] * layers
+
+
+def test_a_tree_step_over_the_whole_cache_keeps_its_mask(tiny_config, tiny_model):
+    """Only a causal shape may skip its mask: a tree step of as many tokens as the visible cache, based at slot
+    0, still gives each branch the logits of its own causal run."""
+    _, ckpt = tiny_model(tiny_config("llama"))
+    n = 64
+    local = torch.zeros(2 * n, 2 * n, dtype=torch.bool)
+    local[:n, :n] = local[n:, n:] = torch.ones(n, n, dtype=torch.bool).tril()
+    tree = StepShape("two-roots", torch.cat([torch.arange(n), torch.arange(n)]), local)
+    ids = torch.randint(0, 500, (2 * n,), generator=torch.Generator().manual_seed(4)).tolist()
+    runner = runner_for(ckpt, 2 * n)
+    assert runner.visible_len(2 * n) == 2 * n  # the step spans the whole visible cache
+    _, logits = runner.step(tree, ids, 0)
+    tree_logits = logits.clone()
+    assert_close(tree_logits[:n], prefill_logits(runner_for(ckpt), ids[:n]))
+    assert_close(tree_logits[n:], prefill_logits(runner_for(ckpt), ids[n:]))
+
+
 def test_qkv_bias_is_applied(tiny_config, tiny_model):
     """Qwen2 always has Q/K/V biases; dropping them must change the logits, and we must keep them."""
     hf, ckpt = tiny_model(tiny_config("qwen2"))

@@ -269,6 +269,13 @@ def test_capture_plan_counts_each_graph_once(tiny_engine):
     assert all(shape.size <= end <= runner.capacity for shape, end in plan)
     limited = capture_plan(runner, [step_shape(LookaheadConfig(4, 3, 4))], limit=256)
     assert limited and max(end for _, end in limited) == 256 < runner.capacity
+    # Whole prompts start at slot 0: each size that fits the cache is captured at its own length only.
+    runner.whole_prompt_sizes = (256, 384, 768)  # 768 > the cache
+    plan = capture_plan(runner, [])
+    whole = [(shape.name, end) for shape, end in plan if shape.size in (256, 384, 768)]
+    assert whole == [("causal384", 512), ("causal256", 256)]  # at the cache length a step from slot 0 sees
+    runner.whole_prompt_sizes = (512,)  # also a chunk size: captured once
+    assert len(capture_plan(runner, [])) == len(plan) - 2
 
 
 def test_warm_up_leaves_completions_unchanged_on_cpu(tiny_engine):
