@@ -257,7 +257,8 @@ class LeaderRunner(Runner):
 
     def _send_layout(self, shape: StepShape, rel_pos: Tensor | np.ndarray, local: Tensor | np.ndarray) -> None:
         self._queue({"op": "layout", "name": shape.name, "rel_pos": np.asarray(rel_pos).tolist(),
-                    "local": np.asarray(local, dtype=bool).tobytes(), "logits": shape.logits, "moves": shape.moves})
+                    "local": np.asarray(local, dtype=bool).tobytes(), "logits": shape.logits, "moves": shape.moves,
+                    "causal": shape.causal})
 
     def set_layout(self, shape: StepShape, rel_pos: Tensor | np.ndarray, local: Tensor | np.ndarray) -> None:
         self._send_layout(shape, rel_pos, local)
@@ -357,7 +358,8 @@ class Follower:
             rel_pos = torch.tensor(message["rel_pos"])
             local = torch.frombuffer(bytearray(message["local"]), dtype=torch.bool).view(T, T)
             if name not in self.shapes:
-                self.shapes[name] = StepShape(name, rel_pos, local, message["logits"], message["moves"])
+                self.shapes[name] = StepShape(name, rel_pos, local, message["logits"], message["moves"],
+                                              message["causal"])
             else:  # new positions and mask for the same shape
                 runner.set_layout(self.shapes[name], rel_pos, local)
         elif op == "move":

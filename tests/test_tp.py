@@ -122,6 +122,9 @@ def test_every_model_call_of_rank_0_reaches_the_follower(tiny_config, tiny_model
     def same_cache() -> bool:
         return torch.equal(leader.model.kv, follower.runner.model.kv)
 
+    whole = torch.randint(512, (256,), generator=torch.Generator().manual_seed(2)).tolist()
+    leader.prefill(whole, 0)  # one causal chunk over the whole cache: attention skips its mask on both ranks
+    assert same_cache() and follower.shapes["causal256"].causal
     prompt = torch.randint(512, (70,), generator=torch.Generator().manual_seed(1)).tolist()
     leader.prefill(prompt[:-1], 0)
     state = DecodeState(list(prompt), 12, frozenset())
