@@ -32,7 +32,7 @@ from .sessions import SessionStore
 from .sizing import configure_threads, default_budget
 from .stops import Cut, Stopper, finish
 from .tokens import Codec
-from .tree_decoding import TreeConfig, compile_host_loop, decode_tree
+from .tree_decoding import TreeConfig, compile_host_loop, decode_tree, first_step
 from .tuning_store import lookup_tuned
 
 OnText = Callable[[str], None]  # the completion's text so far that no stop rule can take back
@@ -270,12 +270,20 @@ class Engine:
         session.written(ids[: reused + written])
         if reused + written < len(ids) - 1:
             raise Cancelled()
+        # What decoding needs before its first step is made while the GPU prefills: the stop rules, and a tree's
+        # sources and first step, which read the prompt alone.
+        stopper = Stopper(request.stop, prefix, suffix) if request.stop.any else None
+        watch = CompletionText(self.codec, prompt.healed, stopper, on_text)
+        if tree is not None:
+            healing = Healing(self.codec, prompt.healed)
+            # Without fill-in-the-middle the prompt lacks the code after the cursor, which completions often copy.
+            extra = [] if prompt.fim else suffix_window(self.codec, suffix, self.options.budget)
+            drafters = self.sessions.drafters(session, ids, tree, extra, switches.persistent_pool)
+            first = first_step(self.runner, ids, tree, drafters, healing)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         prefill_ms = (time.perf_counter() - started) * 1e3
 
-        stopper = Stopper(request.stop, prefix, suffix) if request.stop.any else None
-        watch = CompletionText(self.codec, prompt.healed, stopper, on_text)
         state = DecodeState(list(ids), request.max_tokens, self.codec.stop_ids, on_commit=watch.on_commit,
                             cancelled=cancelled)
         if tree is None:
@@ -283,10 +291,7 @@ class Engine:
         if cfg is not None:
             decode_lookahead(self.runner, state, cfg, session.pool_for(ids, cfg, switches.persistent_pool))
         elif tree is not None:
-            # Without fill-in-the-middle the prompt lacks the code after the cursor, which completions often copy.
-            extra = [] if prompt.fim else suffix_window(self.codec, suffix, self.options.budget)
-            drafters = self.sessions.drafters(session, state.seq, tree, extra, switches.persistent_pool)
-            decode_tree(self.runner, state, tree, drafters, healing=Healing(self.codec, prompt.healed))
+            decode_tree(self.runner, state, tree, drafters, healing=healing, first=first)
             self.sessions.completed(session, ids, state.new, switches.persistent_pool)
         else:
             decode_ar(self.runner, state)

@@ -22,7 +22,7 @@ from .runner import Runner, StepShape
 from .sources import Draft, Source
 from .sources.jacobi import JacobiWindow
 from .sources.recycling import Recycling
-from .tree import TokenTrie, accept, build_step, load, tree_shape
+from .tree import TokenTrie, TreeStep, accept, build_step, load, tree_shape
 
 SOURCES = ("prompt", "history", "recycling", "jacobi")
 WINDOW_PROBE = 8  # steps the Jacobi window gets to prove that its rows pay
@@ -125,10 +125,59 @@ def learn(state: DecodeState, calibration: Calibration, trie: TokenTrie, commit:
             state.by_source[source] = state.by_source.get(source, 0) + right
 
 
+@dataclass
+class Drafted:
+    """One step's drafts, laid out and loaded into the step's inputs: all a launch still needs."""
+
+    trie: TokenTrie
+    chosen: np.ndarray  # the trie nodes given rows
+    step: TreeStep
+    healing: bool  # the step still re-types what token healing removed
+
+
+def draft_step(runner: Runner, trie: TokenTrie, seq: list[int], cfg: TreeConfig, drafters: Drafters,
+               window: JacobiWindow | None, healing: Healing | None) -> Drafted:
+    """Merge every source's drafts after `seq` into `trie` (reset to seq's last token), choose the step's rows
+    and load their layout for the shape's next launch."""
+    sources, recycling, calibration = drafters.text, drafters.recycling, drafters.calibration
+    room = cfg.budget - 1 - (window.rows if window else 0)
+    trie.reset(seq[-1])
+    healing_now = bool(healing)
+    if healing_now:
+        healing.draft(trie, seq, cfg.depth, room, calibration, recycling)
+    for source in sources:
+        insert_drafts(trie, source.propose(seq, cfg.depth, min(room, TEXT_DRAFTS)), calibration)
+    if recycling is not None:
+        recycling.grow(trie, seq, cfg.depth, room, calibration)
+    if window is not None:
+        insert_drafts(trie, window.propose(seq, cfg.depth, room), calibration)
+    trie.score(calibration)
+    if healing_now:
+        healing.prune(trie)
+    chosen = trie.select(room)
+    step = build_step(cfg.budget, trie, chosen, window.layout() if window else None,
+                      window.tokens() if window else ())
+    if healing_now:
+        healing.plan(step, chosen)
+    load(runner, cfg.shape(), step)
+    return Drafted(trie, chosen, step, healing_now)
+
+
+def first_step(runner: Runner, seq: list[int], cfg: TreeConfig, drafters: Drafters,
+               healing: Healing | None = None) -> Drafted | None:
+    """The first step's drafts, which read the prompt alone: made while the GPU prefills it rather than after
+    (~0.65 ms of host work on this repository's CPU, 3-4x that on a GPU machine's host). None where the
+    config decodes without a tree."""
+    if cfg.budget < 2:
+        return None
+    return draft_step(runner, TokenTrie(seq[-1]), seq, cfg, drafters, drafters.window, healing)
+
+
 def decode_tree(runner: Runner, state: DecodeState, cfg: TreeConfig, drafters: Drafters,
-                overlap: bool | None = None, healing: Healing | None = None) -> None:
+                overlap: bool | None = None, healing: Healing | None = None, first: Drafted | None = None) -> None:
     """Greedy decoding, several tokens per step where the drafts are right; `healing`: the text token healing
-    removed, re-typed within the first steps (`engine/healing.py`) rather than by one-row steps before them.
+    removed, re-typed within the first steps (`engine/healing.py`) rather than by one-row steps before them;
+    `first`: the first step, drafted ahead (`first_step`) with the same drafters and healing.
 
     With `overlap` (the default on a GPU, where a replay returns before the GPU is done) the step runs
     while the host learns from the step before it (`learn`), so that drafting, reading the
@@ -138,38 +187,24 @@ def decode_tree(runner: Runner, state: DecodeState, cfg: TreeConfig, drafters: D
         if healing:
             heal(runner, healing.codec, state, healing.rest)
         return decode_ar(runner, state)
+    seq = state.seq
+    if first is not None and (state.steps or int(first.trie.token[0]) != seq[-1]):
+        raise ValueError("the first step was drafted for another sequence")
     shape = cfg.shape()
     sources, recycling, window, calibration = drafters.text, drafters.recycling, drafters.window, drafters.calibration
     overlap = runner.device.type == "cuda" if overlap is None else overlap
-    seq = state.seq
     window_steps = window_gain = 0
     pending: Callable[[], None] | None = None
     greedy, top = runner.read_back("tree argmax"), runner.read_back("recycling top-k")
-    tries = (TokenTrie(seq[-1]), TokenTrie(seq[-1]))  # one is built while the last step's is learned from
+    # One trie is built while the last step's is learned from.
+    tries = (first.trie if first is not None else TokenTrie(seq[-1]), TokenTrie(seq[-1]))
+    planned = first
     while not state.done():
         p = len(seq) - 1
-        rows = window.rows if window else 0
-        room = cfg.budget - 1 - rows
-        trie = tries[state.steps % 2]
-        trie.reset(seq[-1])
-        healing_now = bool(healing)
-        if healing_now:
-            healing.draft(trie, seq, cfg.depth, room, calibration, recycling)
-        for source in sources:
-            insert_drafts(trie, source.propose(seq, cfg.depth, min(room, TEXT_DRAFTS)), calibration)
-        if recycling is not None:
-            recycling.grow(trie, seq, cfg.depth, room, calibration)
-        if window is not None:
-            insert_drafts(trie, window.propose(seq, cfg.depth, room), calibration)
-        trie.score(calibration)
-        if healing_now:
-            healing.prune(trie)
-        chosen = trie.select(room)
-        step = build_step(cfg.budget, trie, chosen, window.layout() if window else None,
-                          window.tokens() if window else ())
-        if healing_now:
-            healing.plan(step, chosen)
-        load(runner, shape, step)
+        if planned is None:
+            planned = draft_step(runner, tries[state.steps % 2], seq, cfg, drafters, window, healing)
+        trie, chosen, step, healing_now = planned.trie, planned.chosen, planned.step, planned.healing
+        planned = None
         argmax, logits = runner.step(shape, step.tokens, p)
         # The argmax's copy is queued before the top-k, so reading it does not wait for the top-k kernels.
         greedy.queue(argmax)
@@ -210,6 +245,7 @@ def decode_tree(runner: Runner, state: DecodeState, cfg: TreeConfig, drafters: D
             # The window's rows must earn at least what the weakest tree rows are expected to.
             # (Rows the tree leaves empty are padding anyway: there the window costs nothing.)
             if window_steps >= WINDOW_PROBE:
+                room = cfg.budget - 1 - window.rows
                 weakest = float(trie.reach[chosen].min()) if len(chosen) >= room else 0.0
                 if window_gain / (window_steps * window.rows) < max(weakest, 0.02):
                     window = None

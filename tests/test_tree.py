@@ -20,7 +20,7 @@ from engine.sources.jacobi import JacobiWindow
 from engine.sources.prompt_lookup import PromptLookup
 from engine.sources.recycling import Recycling, pair_key
 from engine.tree import TokenTrie, accept, build_step, tree_shape
-from engine.tree_decoding import SOURCES, TEXT_DRAFTS, Drafters, TreeConfig, decode_tree
+from engine.tree_decoding import SOURCES, TEXT_DRAFTS, Drafters, TreeConfig, decode_tree, first_step
 
 REPETITIVE = "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1)\n" * 3
 
@@ -404,6 +404,81 @@ def test_learning_while_the_next_step_runs_learns_what_learning_at_once_does(tin
     assert overlapped.new == at_once.new == truth and overlapped.accepted == at_once.accepted
     assert overlapped.by_source == at_once.by_source and overlapped.pool_hits == at_once.pool_hits > 0
     assert overlapped_counts == counts and sum(n for _, n in counts.values()) > 0
+
+
+class Counted(Scripted):
+    """`Scripted`, counting the steps it was asked to draft for."""
+
+    asked = 0
+
+    def propose(self, seq: list[int], depth: int, limit: int) -> list[Draft]:
+        self.asked += 1
+        return super().propose(seq, depth, limit)
+
+
+def test_a_first_step_drafted_ahead_is_the_one_that_runs(tiny_engine) -> None:
+    """The engine drafts a tree's first step while the GPU prefills (`first_step`): decoding must launch that
+    step, not draft it again, and commit what drafting it in the loop commits. Catches a loop that ignores
+    `first` (the source is asked once more), and one that runs it with another trie or layout (other tokens)."""
+    engine = tiny_engine("qwen2")
+    ids = engine.codec.encode("def total(values):\n    s = 0\n")
+    truth = decode(engine, ids).new
+    runs = []
+    for ahead in (False, True):
+        engine.sessions.invalidate_working_cache()
+        engine.runner.prefill(ids[:-1], 0)
+        cfg, source = TreeConfig(16, 0, 1, 6, ("prompt",)), Counted(truth, len(ids))
+        drafters = Drafters([source])
+        first = first_step(engine.runner, list(ids), cfg, drafters) if ahead else None
+        asked_ahead = source.asked
+        state = DecodeState(list(ids), 40, frozenset())
+        decode_tree(engine.runner, state, cfg, drafters, first=first)
+        runs.append((state, source.asked, asked_ahead))
+    (loop, asked, _), (ahead, asked_with_first, asked_ahead) = runs
+    assert ahead.new == loop.new == truth and ahead.accepted == loop.accepted and max(loop.accepted) > 1
+    assert asked_ahead == 1 and asked_with_first == asked == loop.steps
+
+
+def test_a_first_step_drafted_for_another_sequence_is_refused(tiny_engine) -> None:
+    """A step drafted ahead for other text would verify drafts after the wrong token: refused, not decoded."""
+    engine = tiny_engine("qwen2")
+    ids = engine.codec.encode("def total(values):\n    s = 0\n")
+    engine.sessions.invalidate_working_cache()
+    engine.runner.prefill(ids[:-2], 0)
+    cfg = TreeConfig(16, 0, 1, 6, ("prompt",))
+    first = first_step(engine.runner, list(ids), cfg, Drafters())
+    with pytest.raises(ValueError, match="another sequence"):
+        decode_tree(engine.runner, DecodeState(list(ids[:-1]), 8, frozenset()), cfg, Drafters(), first=first)
+
+
+def test_the_engine_drafts_a_trees_first_step_before_decoding_starts(tiny_engine, monkeypatch) -> None:
+    """`Engine.complete` drafts the first tree step after launching the prefill and before its decode clock
+    starts (on a GPU: before it waits for the prefill), and decodes with that very step. Catches drafting moved
+    back into the loop (the first step's host work counted in the decode again) and a draft left unused."""
+    import engine.engine as engine_module
+
+    engine = tiny_engine("qwen2")
+    events: list[str] = []
+    made: list = []
+    prefill, first_fn, state_cls, decode_fn = (engine.runner.prefill, engine_module.first_step,
+                                               engine_module.DecodeState, engine_module.decode_tree)
+
+    def spy_first(*args, **kwargs):
+        events.append("first step")
+        made.append(first_fn(*args, **kwargs))
+        return made[-1]
+
+    def spy_decode(*args, first=None, **kwargs):
+        events.append("decode" + (" with it" if first is not None and first is made[-1] else ""))
+        return decode_fn(*args, first=first, **kwargs)
+
+    monkeypatch.setattr(engine.runner, "prefill", lambda *a, **k: events.append("prefill") or prefill(*a, **k))
+    monkeypatch.setattr(engine_module, "first_step", spy_first)
+    monkeypatch.setattr(engine_module, "DecodeState", lambda *a, **k: events.append("clock") or state_cls(*a, **k))
+    monkeypatch.setattr(engine_module, "decode_tree", spy_decode)
+    done = engine.complete(CompletionRequest("def total(values):\n    s = 0\n", "", max_tokens=8, decoding="tree",
+                                             tree=TreeConfig(16)))
+    assert events == ["prefill", "first step", "clock", "decode with it"] and done.tokens
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
