@@ -166,8 +166,8 @@ def draft_step(runner: Runner, trie: TokenTrie, seq: list[int], cfg: TreeConfig,
 def first_step(runner: Runner, seq: list[int], cfg: TreeConfig, drafters: Drafters,
                healing: Healing | None = None) -> Drafted | None:
     """The first step's drafts, which read the prompt alone: made while the GPU prefills it rather than after
-    (~0.65 ms of host work on this repository's CPU, 3-4x that on a GPU machine's host). None where the
-    config decodes without a tree."""
+    (~0.5 ms of host work on this repository's CPU: the sources' indexes, the trie and its layout). None where
+    the config decodes without a tree."""
     if cfg.budget < 2:
         return None
     return draft_step(runner, TokenTrie(seq[-1]), seq, cfg, drafters, drafters.window, healing)

@@ -159,8 +159,7 @@ def summarize(runs: list[Run]) -> dict:
         "tokens": tokens,
         "tokens_per_step": tokens / steps if stepped and steps else None,
         "step_ms_mean": mean([ms for r in runs for ms in r.step_ms]) if stepped else None,
-        # The first step carries whatever decoding sets up after the prefill (a tree's first drafts, before those
-        # were made during it).
+        # Whatever decoding sets up once the prefill is done lands in the first step.
         "first_step_ms_mean": mean(firsts) if stepped and (firsts := [r.step_ms[0] for r in runs if r.step_ms])
         else None,
         # What a request pays before its first step (prompt and prefill): all of it on a cold document.
