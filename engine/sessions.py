@@ -158,7 +158,7 @@ class SessionStore:
         return {"doc": session.history, "workspace": self.workspace} if persistent else {"workspace": self.workspace}
 
     def parked_bytes(self) -> int:
-        return sum(s.parked.numel() * s.parked.element_size() for s in self.sessions.values() if s.parked is not None)
+        return sum(s.parked.nbytes for s in self.sessions.values() if s.parked is not None)
 
     def activate(self, document: str) -> Session:
         """Make `document`'s K/V the working cache's contents; returns its session."""
@@ -199,7 +199,7 @@ class SessionStore:
             if parked <= limit:
                 return
             if s.parked is not None:
-                parked -= s.parked.numel() * s.parked.element_size()
+                parked -= s.parked.nbytes
                 s.parked, s.tokens = None, []
                 self.evictions += 1
 
