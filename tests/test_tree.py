@@ -864,7 +864,8 @@ def test_bench_and_tune_know_tree_decoding(tiny_engine, tmp_path, monkeypatch, c
 
 def test_tree_host_bench_times_the_loop_and_puts_it_back(tiny_engine, tmp_path, monkeypatch, capsys) -> None:
     """`python -m engine.bench.tree_host`: per-part host time of the tree loop and bare step times. Catches a
-    part that is never reached (renamed in the loop) and timers left wrapped around the engine afterwards."""
+    part that is never reached (renamed in the loop), timers left wrapped around the engine afterwards, and a
+    timed run that starts cold (no tree request before it) or leaves the warm-up's document open."""
     import json
 
     from engine import engine as engine_module
@@ -876,10 +877,21 @@ def test_tree_host_bench_times_the_loop_and_puts_it_back(tiny_engine, tmp_path, 
     cases = tmp_path / "cases.jsonl"
     cases.write_text(json.dumps({"prefix": REPETITIVE, "suffix": "\n"}) + "\n")
     monkeypatch.setattr(flags, "engine_from_args", lambda args: engine)
+    trees: list[str] = []  # the documents of tree requests, in order
+    complete = engine.complete
+
+    def noted(request: CompletionRequest):
+        if request.decoding == "tree":
+            trees.append(request.document)
+        return complete(request)
+
+    monkeypatch.setattr(engine, "complete", noted)
     originals = [getattr(owner, name) for owner, name, _ in tree_host.PARTS]
     decode_tree, top, values = engine_module.decode_tree, Recycling.top, ReadBack.values
     assert tree_host.main(["--cases", str(cases), "--limit", "1", "--max-tokens", "24", "--tree", "16",
                            "--replays", "2"]) == 0
+    # What a process pays once is paid by an untimed tree request first, whose document is then dropped.
+    assert trees[:2] == ["tree-host-warmup", "timed-0"] and "tree-host-warmup" not in engine.sessions.sessions
     result = json.loads(capsys.readouterr().out)
     assert result["tree"] == "16,0,2,12" and result["steps"] > 0 and result["tokens_per_step"] > 1
     host = result["host_us_per_step"]
