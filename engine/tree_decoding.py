@@ -59,6 +59,11 @@ class TreeConfig:
         return self.window * self.levels if "jacobi" in self.sources else 0
 
     @property
+    def one_row(self) -> bool:
+        """A budget of the root's row alone: nothing to verify, so it decodes as plain greedy steps do."""
+        return self.budget < 2
+
+    @property
     def step_tokens(self) -> int:
         return self.budget
 
@@ -168,7 +173,7 @@ def first_step(runner: Runner, seq: list[int], cfg: TreeConfig, drafters: Drafte
     """The first step's drafts, which read the prompt alone: made while the GPU prefills it rather than after
     (~0.5 ms of host work on this repository's CPU: the sources' indexes, the trie and its layout). None where
     the config decodes without a tree."""
-    if cfg.budget < 2:
+    if cfg.one_row:
         return None
     return draft_step(runner, TokenTrie(seq[-1]), seq, cfg, drafters, drafters.window, healing)
 
@@ -183,7 +188,7 @@ def decode_tree(runner: Runner, state: DecodeState, cfg: TreeConfig, drafters: D
     while the host learns from the step before it (`learn`), so that drafting, reading the
     result and the recycling table (whose freshest rows the very next tree needs) are all that sit
     between two steps."""
-    if cfg.budget < 2:
+    if cfg.one_row:
         if healing:
             heal(runner, healing.codec, state, healing.rest)
         return decode_ar(runner, state)

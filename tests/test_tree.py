@@ -451,6 +451,19 @@ def test_a_first_step_drafted_for_another_sequence_is_refused(tiny_engine) -> No
         decode_tree(engine.runner, DecodeState(list(ids[:-1]), 8, frozenset()), cfg, Drafters(), first=first)
 
 
+def test_a_one_row_budget_decodes_as_ar_with_nothing_drafted_ahead(tiny_engine) -> None:
+    """A budget of the root's row alone has nothing to verify: no first step is drafted, and the engine's
+    tree request returns AR's tokens in one-token steps. Catches a first step laid out with no room for drafts
+    (or a one-row tree run as a tree) where plain greedy steps were meant."""
+    engine = tiny_engine("qwen2")
+    ids = engine.codec.encode(REPETITIVE)
+    assert first_step(engine.runner, list(ids), TreeConfig(1), Drafters()) is None
+    kw = dict(document="one-row", max_tokens=24, type_through=False)
+    ar = complete(engine, REPETITIVE, decoding="ar", **kw)
+    one = complete(engine, REPETITIVE, decoding="tree", tree=TreeConfig(1), **kw)
+    assert one.tokens == ar.tokens and one.steps == len(one.tokens)
+
+
 def test_the_engine_drafts_a_trees_first_step_before_decoding_starts(tiny_engine, monkeypatch) -> None:
     """`Engine.complete` drafts the first tree step after launching the prefill and before its decode clock
     starts (on a GPU: before it waits for the prefill), and decodes with that very step. Catches drafting moved
