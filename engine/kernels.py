@@ -389,12 +389,16 @@ def skinny_config(m: int, n: int, k: int) -> tuple[int, int, int, int, int, int]
     cuBLAS -> this): 1.5B q/k/v 5.2 -> 3.8, output 5.4 -> 3.6, gate/up 18.5 -> 17.5, down 12.4 -> 9.5, LM head
     121 -> 118; 7B output 12.2 -> 8.8, down 42.3 -> 38.2; the 7B's q/k/v (10.9 against 12.3) stays with cuBLAS,
     its gate/up and LM head go to `_wide_kernel` (`wide_config`).
-    Narrow outputs are split into column chunks (partial sums) so that a few hundred programs share the weight."""
+    Narrow outputs are split into column chunks (partial sums) so that a few hundred programs share the weight.
+    Wide ones below the LM head (the 1.5B's gate/up) take 64 outputs a program: 280 programs, up to three on an
+    SM, where 128 left 140 for 132 SMs. Measured in the whole step, which a sweep of the product alone misses: a
+    1.5B-shaped tree step's GPU time on an H200 at 16/32/48/64 rows, 1,615/1,740/1,663/1,726 -> 1,578/1,673/
+    1,633/1,698 µs (`.device/s20/gpu_ab.sh`)."""
     bm = max(16, triton.next_power_of_2(m))
     if k > 2048 and (n > k or n >= 8192):  # long rows into wider outputs (the 7B's q/k/v: cuBLAS 14.1 against
         return None  # 18.3 µs on an H100, 15.2 at best; its gate/up and LM head)
     if n >= 8192:
-        return (bm, 128, 64, 4, 3, 1) if n >= 65536 else (bm, 128, 64, 8, 4, 1)
+        return (bm, 128, 64, 4, 3, 1) if n >= 65536 else (bm, 64, 64, 4, 4, 1)
     bn = 32 if n <= 2048 else 64
     # Short rows, and long ones (K >= 16,384: the 7B's down, 51.0 against 51.7 µs in four chunks, and half the
     # partial sums for the next kernel to add; about 55 µs off a 64-row 7B tree step on an H100): two chunks.
