@@ -182,17 +182,18 @@ def test_prefill_attention_serves_each_query_head_from_its_own_kv_head():
     assert (got - want).abs().max().item() < 2e-2
 
 
+@pytest.mark.parametrize("dim", [576, 1536, 3584])  # 4 warps a row; 16 (the 1.5B; the 7B)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_add_rms_norm_adds_in_place_and_normalizes(dtype, tol):
+def test_add_rms_norm_adds_in_place_and_normalizes(dtype, tol, dim):
     """Catches: the residual not updated in place (the next layer would read the old stream), a wrong
-    mean (over the padded block instead of `dim`), or the weight not applied."""
+    mean (over the padded block instead of `dim`), or the weight not applied, under each warp count."""
     from engine import kernels
 
-    x = torch.randn(5, 1536, device="cuda", dtype=dtype)
+    x = torch.randn(5, dim, device="cuda", dtype=dtype)
     delta = torch.randn_like(x)
-    weight = torch.rand(1536, device="cuda", dtype=dtype) + 0.5
+    weight = torch.rand(dim, device="cuda", dtype=dtype) + 0.5
     want_x = x + delta
-    want = torch.nn.functional.rms_norm(want_x.float(), (1536,), weight.float(), 1e-6)
+    want = torch.nn.functional.rms_norm(want_x.float(), (dim,), weight.float(), 1e-6)
     got = kernels.add_rms_norm(x, delta, weight, 1e-6)
     assert torch.equal(x, want_x)
     assert (got.float() - want).abs().max().item() < tol * want.abs().max().item()
