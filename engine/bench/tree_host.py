@@ -234,25 +234,28 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TreeConfig.parse(args.tree) if args.tree else engine.default_tree()
     cases = load_cases(cases_path(args.cases), args.limit)
 
+    def tree_request(case: dict, document: str) -> CompletionRequest:
+        return CompletionRequest(case["prefix"], case["suffix"], document=document, max_tokens=args.max_tokens,
+                                 decoding="tree", tree=cfg)
+
+    def requests(tag: str) -> Iterator[CompletionRequest]:
+        # As `ahead bench` does: no case may see its own earlier output, and each pass starts from what the
+        # timed run started from.
+        engine.sessions.forget_learned()
+        for i, case in enumerate(cases):  # fresh documents: no pass reuses another's KV
+            yield tree_request(case, f"{tag}-{i}")
+
     warm_engine(engine, cases, [cfg.shape()], args.max_tokens)  # graphs for every cache length
     # One tree request first, as `ahead bench` makes: what a process pays once (numba loading its compiled
     # parts, the tokenizer's byte tables for healing) had landed on the timed run's first steps, ~1 s over
     # 606 steps on an H200's host, as "healing drafts" and "trie insert".
-    engine.complete(CompletionRequest(cases[0]["prefix"], cases[0]["suffix"], document="tree-host-warmup",
-                                      max_tokens=args.max_tokens, decoding="tree", tree=cfg))
+    engine.complete(tree_request(cases[0], "tree-host-warmup"))
     engine.close_document("tree-host-warmup")
-    engine.sessions.forget_learned()  # as `ahead bench` does: no case may see its own earlier output
     sizes = sorted({32, 64, cfg.budget})
     spent: Counter = Counter()
     steps = tokens = 0
     step_ms: list[float] = []
     log: list = []
-
-    def requests(tag: str) -> Iterator[CompletionRequest]:
-        engine.sessions.forget_learned()  # each pass starts from what the timed run started from
-        for i, case in enumerate(cases):  # fresh documents: no pass reuses another's KV
-            yield CompletionRequest(case["prefix"], case["suffix"], document=f"{tag}-{i}",
-                                    max_tokens=args.max_tokens, decoding="tree", tree=cfg)
 
     spans: dict[str, list[float]] = {"host": [], "launch": [], "wait": []}
     with timed(PARTS, spent), recording(engine.runner, log), critical_path(engine.runner, spans):
