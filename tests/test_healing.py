@@ -84,6 +84,30 @@ def test_healing_candidates_agree_with_removed_bytes(smollm2_engine) -> None:
 
 
 @pytest.mark.slow
+def test_picks_take_each_rows_best_candidate_lowest_id_on_ties(smollm2_engine) -> None:
+    """One masked argmax picks for every constrained row: each row's most likely token among those agreeing with its
+    own bytes, the lowest id on a tie. Catches a row judged under another row's bytes, a candidate left out, a
+    non-candidate let in, and a tie resolved to another id than a scan of the sorted candidates gives."""
+    import torch
+
+    from engine.healing import picks
+
+    codec: Codec = smollm2_engine.codec
+    torch.manual_seed(0)
+    logits = torch.randn(6, len(codec.token_bytes))
+    rows = [(4, b"fib"), (1, b"    "), (5, b"fib"), (0, b"\n")]
+    spaces = codec.healing_candidates(b"    ")
+    logits[1, spaces[-1]] = logits[1, spaces[0]] = logits[1].max() + 1  # a tie: the lower id wins
+    logits[4, codec.token_id("ib")] = logits[4].max() + 1  # the row's best token overall, but not a candidate
+    got = picks(codec, rows, logits).tolist()
+    for (row, rest), token in zip(rows, got, strict=True):
+        candidates = codec.healing_candidates(rest)
+        best = max(candidates, key=lambda i: (logits[row, i].item(), -i))
+        assert token == best, (row, rest)
+    assert got[1] == spaces[0] and got[0] != codec.token_id("ib")
+
+
+@pytest.mark.slow
 def test_tree_decoding_heals_within_its_steps_exactly_as_ar(smollm2_engine, bench_cases) -> None:
     """Tree decoding re-types the healed bytes inside its own steps, with AR's tokens. Catches rows judged by the
     plain greedy choice where healing's constrained one applies (other tokens than AR's healing picks), a
