@@ -371,7 +371,8 @@ def _launch_options(device: torch.device) -> dict:
 SHARED_MEMORY_BUDGET = 160 * 1024  # bytes of pipelined tiles a program may hold (Hopper has 227 KB a block)
 PREFETCH_LINES = 4  # 128-byte lines of each weight row a skinny program asks L2 for before its PDL wait
 SKINNY_MAX_ROWS = 64  # a step of up to this many rows runs `_skinny_kernel`; longer (prefill) chunks use cuBLAS
-ROPE_TOKENS = 16  # tokens a `_rope_cache_kernel` program rotates in prefill chunks (decoding steps: one)
+ROPE_TOKENS = 16  # tokens a `_rope_cache_kernel` program rotates in prefill chunks (decoding steps: one, or four
+# in tree steps of 33-64 rows: `rope_and_cache`)
 
 
 def gemv_config(n: int, k: int) -> tuple[int, int, int]:
