@@ -501,6 +501,23 @@ def multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _row_blocks(rows: int) -> tuple[int, int]:
+    """(folded query rows a program, row blocks) of `attention` over `rows` folded rows of a KV head."""
+    per_block = 16 if rows <= 16 else 64
+    return per_block, triton.cdiv(rows, per_block)
+
+
+def splits_keys(q: Tensor) -> bool:
+    """Whether `attention` spreads folded queries q [H_kv, rep*T, D] over the SMs by splitting the keys: its row
+    blocks fill at most one wave. Then it beats SDPA for prefill chunks over a long cache, whose kernels give a
+    program a block of rows and all the keys (cuDNN: 12 programs for the 1.5B's 128-row chunk). GPU time of a
+    prefill step, SDPA -> this, H200, random weights (`.device/s22/prefill.py`), ms: 1.5B 128 rows at slot
+    3,300 4.31-4.46 -> 2.15-2.19, 256 rows 4.74 -> 2.89, 512 rows 5.80 -> 4.79; 7B 128 rows 7.07-7.29 -> 5.50.
+    Past one wave SDPA wins: 1.5B 1,024 rows 6.49 against 6.93 (slot 1,000), 7B 512 rows 13.5 against 14.4.
+    Typing (`ahead bench keystrokes`, the real 1.5B): a keystroke's prefill, p50, 4.91-5.05 -> 2.91-2.96 ms."""
+    return q.shape[0] * _row_blocks(q.shape[1])[1] <= multiprocessors(q.device)
+
+
 def attention(q: Tensor, kv: Tensor, bias: Tensor, n_heads: int) -> Tensor:
     """Masked attention of folded queries q [H_kv, rep*T, D] over cache slots [0, L); bias: [T, L].
 
@@ -509,9 +526,8 @@ def attention(q: Tensor, kv: Tensor, bias: Tensor, n_heads: int) -> Tensor:
     hkv, R, D = q.shape
     T, L = bias.shape
     S = kv.shape[2]
-    BR = 16 if R <= 16 else 64
+    BR, row_blocks = _row_blocks(R)
     BL = 64
-    row_blocks = triton.cdiv(R, BR)
     tiles = triton.cdiv(L, BL)
     # Split the keys over as many programs as one wave of the SMs runs at once, and no more: a second wave
     # (allowed before) left a 48-row tree step's attention at 18.0 us a layer against 12.9 at 3,584 slots on an

@@ -158,9 +158,10 @@ def folded_attention(q: Tensor, kv: Tensor, bias: Tensor, n_heads: int) -> Tenso
     return out.view(hkv, rep, T, D).permute(2, 0, 1, 3).reshape(T, n_heads * D)
 
 
-BLOCK_ATTENTION_MIN_TOKENS = 64  # from here on torch's fused attention kernels win for prefill chunks; on
-# CUDA, decoding steps of any size (a 64- or 128-row tree) keep the Triton kernel: with their arbitrary masks
-# SDPA took a 64-row tree step from 2.1 to 4.1 ms on an H200
+BLOCK_ATTENTION_MIN_TOKENS = 64  # from here on torch's fused attention kernels win for prefill chunks on the CPU,
+# and on CUDA for those too big for the Triton kernel to split their keys (`kernels.splits_keys`). Decoding steps
+# of any size (a 64- or 128-row tree) keep the Triton kernel: with their arbitrary masks SDPA took a 64-row tree
+# step from 2.1 to 4.1 ms on an H200
 
 
 def block_attention(q: Tensor, kv: Tensor, bias: Tensor, n_heads: int, causal: bool = False) -> Tensor:
@@ -225,7 +226,9 @@ class Attention(nn.Module):
         fused = kernels.usable(x)
         q = (kernels.rope_and_cache if fused else rope_and_cache)(project(self.wqkv, x, parts=True), *rope, slots, kv,
                                                                  self.n_heads)
-        if x.shape[0] >= BLOCK_ATTENTION_MIN_TOKENS and not (fused and decoding):
+        # A whole prompt's plain causal mask stays with SDPA, which skips its masked half.
+        split = fused and (decoding or (not causal and kernels.splits_keys(q)))
+        if x.shape[0] >= BLOCK_ATTENTION_MIN_TOKENS and not split:
             out = block_attention(q, kv, bias, self.n_heads, causal)
         elif fused:
             out = kernels.attention(q, kv, bias, self.n_heads)

@@ -148,8 +148,8 @@ def test_triton_kernels_match_torch_path(monkeypatch, dtype, tol):
     model = tiny_model(dtype)
     runner = Runner(model, use_graphs=False)
     ids = torch.randint(0, 512, (400,)).tolist()
-    # Steps with logits use the Triton attention kernel at any size (37, 300 and 80 rows, the lookahead
-    # step); the prefills (no logits) of 300 rows use model.block_attention (SDPA).
+    # Every attention here runs the Triton kernel: steps with logits at any size (37, 300 and 80 rows, the
+    # lookahead step), and the 300-row prefills, whose 20 row blocks fit one wave (`kernels.splits_keys`).
     shapes = [(causal_shape(37, logits=True), ids[:37], 0), (causal_shape(300, logits=True), ids[:300], 0),
               (causal_shape(80, logits=True), ids[200:280], 200), (DECODE, [ids[300]], 300),
               (step_shape(LookaheadConfig(8, 4, 8)), ids[:49], 301)]
@@ -324,13 +324,14 @@ def _write_late(src: torch.Tensor, dst: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("hkv,rep,T,L", [(2, 6, 1, 2560), (4, 7, 64, 2560), (2, 6, 64, 300), (2, 6, 48, 64),
-                                         (1, 3, 7, 300)])
+                                         (1, 3, 7, 300), (2, 6, 256, 1024)])
 def test_attention_merges_every_key_chunk_once(hkv, rep, T, L):
     """The attention kernel splits the keys over programs and a second kernel merges their partial softmaxes.
     Against torch's attention, called over and over and from a replayed graph: catches a merge that misses or
     repeats a chunk, or reads a chunk's stale partials. The shapes: one-token decode (40 chunks), the 7B's and
-    the 1.5B's tree steps (4 and 11 chunks), a single chunk, and an odd count of folded rows above 16 (the
-    merge's last program of two rows holds a padding row, whose store must stay masked off)."""
+    the 1.5B's tree steps (4 and 11 chunks), a single chunk, an odd count of folded rows above 16 (the
+    merge's last program of two rows holds a padding row, whose store must stay masked off), and a 256-token
+    prefill chunk of the 1.5B (1,536 folded rows a KV head, 2 chunks on 132 SMs)."""
     from engine import kernels
     from engine.model import folded_attention
 
@@ -353,6 +354,31 @@ def test_attention_merges_every_key_chunk_once(hkv, rep, T, L):
         out.zero_()
         graph.replay()
         assert (out.float() - want).abs().max().item() < tol
+
+
+def test_prefill_chunks_split_their_keys_while_their_row_blocks_fill_one_wave(monkeypatch):
+    """A keystroke's prefill chunk over a long cache takes the Triton split-key attention (SDPA's kernels gave
+    the 1.5B's 128-row chunk a dozen programs: twice the step's time on an H200); one with more row blocks than
+    the GPU has SMs, and a whole prompt's plain causal step (SDPA skips its masked half), keep SDPA. Catches
+    either path taken for the other's chunks."""
+    from engine import kernels
+    from engine import model as model_module
+
+    taken = []
+    split, block = kernels.attention, model_module.block_attention
+    monkeypatch.setattr(kernels, "attention", lambda *args: taken.append("split") or split(*args))
+    monkeypatch.setattr(model_module, "block_attention", lambda *args: taken.append("sdpa") or block(*args))
+    runner = Runner(tiny_model(torch.bfloat16), use_graphs=False)
+    ids = torch.randint(0, 512, (1536,)).tolist()
+    runner.step(causal_shape(1280), ids[:1280], 0)  # a whole prompt: 1,280 rows seeing exactly 1,280 slots
+    assert taken == ["sdpa", "sdpa"]  # one per layer
+    taken.clear()
+    runner.prefill(ids[1280:1408], 1280)  # 128 tokens over 1,536 slots: 8 row blocks
+    assert taken == ["split", "split"]
+    taken.clear()
+    monkeypatch.setattr(kernels, "multiprocessors", lambda device: 4)
+    runner.prefill(ids[1408:1536], 1408)
+    assert taken == ["sdpa", "sdpa"]
 
 
 def test_each_kernel_waits_for_the_one_before_it():
