@@ -510,9 +510,9 @@ def _row_blocks(rows: int) -> tuple[int, int]:
 def splits_keys(q: Tensor) -> bool:
     """Whether `attention` spreads folded queries q [H_kv, rep*T, D] over the SMs by splitting the keys: its row
     blocks fill at most one wave. Then it beats SDPA for prefill chunks over a long cache, whose kernels give a
-    program a block of rows and all the keys (cuDNN: 12 programs for the 1.5B's 128-row chunk). GPU time of a
-    prefill step, SDPA -> this, H200, random weights (`.device/s22/prefill.py`), ms: 1.5B 128 rows at slot
-    3,300 4.31-4.46 -> 2.15-2.19, 256 rows 4.74 -> 2.89, 512 rows 5.80 -> 4.79; 7B 128 rows 7.07-7.29 -> 5.50.
+    program a block of one head's rows and all the keys (a few dozen programs for the 1.5B's 128-row chunk). GPU
+    time of a prefill step, SDPA -> this, H200, random weights (`.device/s22/prefill.py`), ms: 1.5B 128 rows at
+    slot 3,300 4.31-4.46 -> 2.15-2.19, 256 rows 4.74 -> 2.89, 512 rows 5.80 -> 4.79; 7B 128 rows 7.07-7.29 -> 5.50.
     Past one wave SDPA wins: 1.5B 1,024 rows 6.49 against 6.93 (slot 1,000), 7B 512 rows 13.5 against 14.4.
     Typing (`ahead bench keystrokes`, the real 1.5B): a keystroke's prefill, p50, 4.91-5.05 -> 2.91-2.96 ms."""
     return q.shape[0] * _row_blocks(q.shape[1])[1] <= multiprocessors(q.device)
