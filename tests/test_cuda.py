@@ -357,10 +357,10 @@ def test_attention_merges_every_key_chunk_once(hkv, rep, T, L):
 
 
 def test_prefill_chunks_split_their_keys_while_their_row_blocks_fill_one_wave(monkeypatch):
-    """A keystroke's prefill chunk over a long cache takes the Triton split-key attention (SDPA's kernels gave
-    the 1.5B's 128-row chunk a dozen programs: twice the step's time on an H200); one with more row blocks than
-    the GPU has SMs, and a whole prompt's plain causal step (SDPA skips its masked half), keep SDPA. Catches
-    either path taken for the other's chunks."""
+    """A keystroke's prefill chunk over a long cache takes the Triton split-key attention (SDPA gives a program
+    a block of one head's rows and every key: the 1.5B's 128-row chunk took twice the step's time on an H200);
+    one with more row blocks than the GPU has SMs, and a whole prompt's plain causal step (SDPA skips its masked
+    half), keep SDPA. Catches either path taken for the other's chunks."""
     from engine import kernels
     from engine import model as model_module
 
