@@ -371,8 +371,8 @@ def _launch_options(device: torch.device) -> dict:
 SHARED_MEMORY_BUDGET = 160 * 1024  # bytes of pipelined tiles a program may hold (Hopper has 227 KB a block)
 PREFETCH_LINES = 4  # 128-byte lines of each weight row a skinny program asks L2 for before its PDL wait
 SKINNY_MAX_ROWS = 64  # a step of up to this many rows runs `_skinny_kernel`; longer (prefill) chunks use cuBLAS
-ROPE_TOKENS = 16  # tokens a `_rope_cache_kernel` program rotates in prefill chunks (decoding steps: one, or four
-# in tree steps of 33-64 rows: `rope_and_cache`)
+ROPE_TOKENS = 16  # tokens a `_rope_cache_kernel` program rotates in prefill chunks
+TREE_ROPE_TOKENS = 4  # ... in tree steps of 33-64 rows (`rope_and_cache`); smaller decoding steps: one
 
 
 def gemv_config(n: int, k: int) -> tuple[int, int, int]:
@@ -488,7 +488,7 @@ def rope_and_cache(qkv: Tensor, cos: Tensor, sin: Tensor, slots: Tensor, kv: Ten
     _, hkv, S, D = kv.shape
     rep = n_heads // hkv
     q = torch.empty(hkv, rep * T, D, dtype=kv.dtype, device=qkv.device)
-    bt = ROPE_TOKENS if T > SKINNY_MAX_ROWS else (4 if T > 32 else 1)
+    bt = ROPE_TOKENS if T > SKINNY_MAX_ROWS else (TREE_ROPE_TOKENS if T > 32 else 1)
     _rope_cache_kernel[(triton.cdiv(T, bt), n_heads + 2 * hkv)](
         qkv, cos, sin, slots, kv, q, T, S, H=n_heads, HKV=hkv, REP=rep, D=D, HALF=D // 2, PARTS=parts, BT=bt,
         **_launch_options(q.device),
