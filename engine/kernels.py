@@ -636,3 +636,79 @@ def top_k_probs(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
                               K=k, CB=triton.next_power_of_2(chunks), CKB=triton.next_power_of_2(chunks * k),
                               **_launch_options(logits.device))
     return out_ids, out_probs
+
+
+if triton is not None:
+
+    @triton.jit
+    def _draft_device_tree_kernel(seq, n_ptr, table, tokens, parent, rank, depth, chain, T, D, CAP,
+                                  K: tl.constexpr, MATCH: tl.constexpr, BLOCK: tl.constexpr, TB: tl.constexpr):
+        # One program: the latest longest match of the text's suffix, then the rows' tokens level by level
+        # (a barrier between levels: each reads its parents' tokens, written by other threads).
+        last = tl.load(n_ptr) - 1
+        best = tl.full([], -1, tl.int64)
+        for start in range(0, last, BLOCK):
+            at = start + tl.arange(0, BLOCK).to(tl.int64)
+            run = at < last
+            length = tl.zeros([BLOCK], tl.int64)
+            for k in tl.static_range(MATCH):
+                ours = tl.load(seq + last - k, mask=last >= k, other=-2)
+                run = run & (at >= k) & (tl.load(seq + at - k, mask=run & (at >= k), other=-1) == ours)
+                length += run.to(tl.int64)
+            best = tl.maximum(best, tl.max(tl.where(length > 0, length * CAP + at, -1), axis=0))
+        after = tl.where(best >= 0, best % CAP, CAP - 2)  # no match: rows past the text, never right but harmless
+        r = tl.arange(0, TB)
+        in_chain = (r >= 1) & (r <= chain)
+        copied = tl.load(seq + tl.minimum(after + r, CAP - 1), mask=in_chain, other=0)
+        tl.store(tokens + r, tl.where(r == 0, tl.load(seq + last), copied), mask=(r == 0) | in_chain)
+        tl.debug_barrier()
+        rk = tl.load(rank + r, mask=r < T, other=-1)
+        dp = tl.load(depth + r, mask=r < T, other=0)
+        up = tl.load(parent + r, mask=r < T, other=0)
+        for d in range(1, D + 1):
+            level = (rk >= 0) & (dp == d)
+            above = tl.load(tokens + up, mask=level, other=0)
+            tl.store(tokens + r, tl.load(table + above * K + rk, mask=level, other=0), mask=level)
+            tl.debug_barrier()
+
+    @triton.jit
+    def _verify_device_tree_kernel(tokens, greedy, parent, anc, depth, seq, n_ptr, commit, count, moves, T, D,
+                                   TB: tl.constexpr, DB: tl.constexpr):
+        # One program: a row is accepted where each row on its path is the greedy token after its parent; the
+        # deepest accepted row's path and the greedy token after it are committed.
+        r = tl.arange(0, TB)
+        j = tl.arange(0, DB)
+        a = tl.load(anc + r[:, None] * (D + 1) + j[None, :], mask=(r[:, None] < T) & (j[None, :] <= D), other=0)
+        right = (tl.load(tokens + a) == tl.load(greedy + tl.load(parent + a))) | (a == 0)
+        ok = (tl.min(right.to(tl.int32), axis=1) == 1) & (r < T)
+        best = tl.max(tl.where(ok, tl.load(depth + r, mask=r < T, other=0) * T + (T - 1 - r), -1), axis=0)
+        row, d = T - 1 - best % T, best // T
+        on_path = tl.load(anc + row * (D + 1) + j + 1, mask=j < D, other=0)  # the path's row at depth j + 1
+        out = tl.where(j < d, tl.load(tokens + on_path), tl.load(greedy + row))
+        n = tl.load(n_ptr)
+        tl.store(seq + n + j, out, mask=j <= D)
+        tl.store(commit + j, out, mask=j <= D)
+        moved = j < d
+        tl.store(moves + j, tl.where(moved, n - 1 + on_path, 0), mask=j < D)
+        tl.store(moves + D + j, tl.where(moved, n + j, 0), mask=j < D)
+        tl.store(count, d + 1)
+        tl.debug_barrier()  # every thread has read n
+        tl.store(n_ptr, n + d + 1)
+
+
+def draft_device_tree(seq: Tensor, n: Tensor, table: Tensor, tokens: Tensor, parent: Tensor, rank: Tensor,
+                      depth: Tensor, chain: int, max_depth: int, match: int) -> None:
+    """A device-drafted step's row tokens from the text `seq[:n]` and the recycling `table` (see
+    `engine/device_tree.py`, whose torch `_draft` is the reference): one launch, where torch's ops took ~80."""
+    T = tokens.shape[0]
+    _draft_device_tree_kernel[(1,)](seq, n, table, tokens, parent, rank, depth, chain, T, max_depth,
+                                    seq.shape[0] - max_depth - 2, K=table.shape[1], MATCH=match, BLOCK=1024,
+                                    TB=triton.next_power_of_2(T), num_warps=4)
+
+
+def verify_device_tree(tokens: Tensor, greedy: Tensor, parent: Tensor, anc: Tensor, depth: Tensor, seq: Tensor,
+                       n: Tensor, commit: Tensor, count: Tensor, moves: Tensor) -> None:
+    """Commit a device-drafted step's accepted path (torch reference: `DeviceTree._verify`): one launch."""
+    T, D = tokens.shape[0], anc.shape[1] - 1
+    _verify_device_tree_kernel[(1,)](tokens, greedy, parent, anc, depth, seq, n, commit, count, moves, T, D,
+                                     TB=triton.next_power_of_2(T), DB=triton.next_power_of_2(D + 1), num_warps=4)

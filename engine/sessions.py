@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .calibration import Calibration
+from .device_tree import RECYCLING_DEPTH, DeviceTree
 from .lookahead import LookaheadConfig, NGramPool
 from .runner import Runner
 from .sources import Source
@@ -110,6 +111,7 @@ class SessionStore:
         self.evictions = 0
         self.recycling_seed: np.ndarray | None = None  # the recycling table's start (`engine/recycling_prior.py`)
         self._unlearned: list[tuple[dict[str, SuffixAutomaton], list[int], list[int]]] = []  # `completed`
+        self.device_trees: dict[TreeConfig, DeviceTree] = {}  # trees drafted on the device, by config
         self.forget_learned()
 
     def forget_learned(self) -> None:
@@ -120,6 +122,17 @@ class SessionStore:
         # a row for every id the model has
         self.recycling = Recycling(vocab=self.runner.model.args.vocab_size, seed=self.recycling_seed)
         self.calibration = Calibration()
+        for tree in self.device_trees.values():
+            tree.forget()
+
+    def device_tree(self, cfg: TreeConfig) -> DeviceTree:
+        """The device's state for a tree drafted there: made on first use, then kept (its table, its graphs)."""
+        tree = self.device_trees.get(cfg)
+        if tree is None:
+            tree = self.device_trees[cfg] = DeviceTree(
+                self.runner, cfg.budget, cfg.depth if "prompt" in cfg.sources else 0, "recycling" in cfg.sources,
+                min(cfg.depth, RECYCLING_DEPTH), self.recycling_seed)
+        return tree
 
     def drafters(self, session: Session, ids: list[int], cfg: TreeConfig, extra: Sequence[int] = (),
                  persistent: bool = True) -> Drafters:

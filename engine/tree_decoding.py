@@ -25,6 +25,7 @@ from .sources.recycling import Recycling
 from .tree import TokenTrie, TreeStep, accept, build_step, load, tree_shape
 
 SOURCES = ("prompt", "history", "recycling", "jacobi")
+DEVICE_SOURCES = ("prompt", "recycling")  # what a tree drafted on the device can draw on
 WINDOW_PROBE = 8  # steps the Jacobi window gets to prove that its rows pay
 TEXT_DRAFTS = 4  # a text source's drafts per step: its best few win rows, the rest only cost host time
 
@@ -36,20 +37,29 @@ class TreeConfig:
     levels: int = 2  # Jacobi window levels (its n-grams are levels + 1 long)
     depth: int = 12  # longest draft, in tokens
     sources: tuple[str, ...] = SOURCES
+    on_device: bool = False  # drafted and verified on the device (`engine/device_tree.py`): prompt and recycling only
     kind: ClassVar[str] = "tree"  # the request decoding (and request field) that runs it
 
     @classmethod
     def parse(cls, text: str) -> TreeConfig:
         """"B", "B,W,L" or "B,W,L,D", optionally ":source+source" (default: all of prompt, history,
-        recycling, jacobi)."""
+        recycling, jacobi); "@device" at the end drafts on the device (sources: prompt and recycling)."""
+        text, at, where = text.partition("@")
+        if at and where != "device":
+            raise ValueError(f"a tree config ends '@device' or nothing (got '@{where}')")
         sizes, _, names = text.partition(":")
         parts = [int(x) for x in sizes.split(",") if x.strip()]
         sources = tuple(n.strip() for n in names.split("+") if n.strip()) if names else SOURCES
         if not 1 <= len(parts) <= 4 or min(parts) < 0 or (set(sources) - set(SOURCES)) or not sources:
             raise ValueError(f"tree config must be B[,W,L[,D]][:{'+'.join(SOURCES)}] (got '{text}')")
-        cfg = cls(*parts, sources=sources)
+        if at and not names:
+            sources = DEVICE_SOURCES
+        cfg = cls(*parts, sources=sources, on_device=bool(at))
         if cfg.budget < 1 or cfg.depth < 1 or (cfg.window and cfg.levels < 1):
             raise ValueError(f"tree config needs B >= 1, D >= 1 and L >= 1 with a window (got '{text}')")
+        if cfg.on_device and (cfg.window or set(cfg.sources) - set(DEVICE_SOURCES) or cfg.budget < 2 + cfg.depth):
+            raise ValueError(f"a tree drafted on the device takes no window, only {'+'.join(DEVICE_SOURCES)}, and a "
+                             f"budget of at least depth + 2 rows (got '{text}@device')")
         if cfg.budget < 1 + cfg.window_rows:
             raise ValueError(f"a {cfg.budget}-row budget cannot hold a {cfg.window}x{cfg.levels} window (got '{text}')")
         return cfg
@@ -73,10 +83,12 @@ class TreeConfig:
     def knobs(self) -> dict:
         """The config's settings by name, for benchmark results."""
         return {"budget": self.budget, "window": self.window, "levels": self.levels, "depth": self.depth,
-                "sources": "+".join(self.sources)}
+                "sources": "+".join(self.sources), "on_device": self.on_device}
 
     def __str__(self) -> str:
         text = f"{self.budget},{self.window},{self.levels},{self.depth}"
+        if self.on_device:
+            return text + ("" if self.sources == DEVICE_SOURCES else f":{'+'.join(self.sources)}") + "@device"
         return text if self.sources == SOURCES else f"{text}:{'+'.join(self.sources)}"
 
 
