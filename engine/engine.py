@@ -196,6 +196,8 @@ class Engine:
         if self._tree is None:
             tuned = lookup_tuned(self, "tree")
             self._tree = tuned or BUILTIN_TREE["cuda" if self.device.type == "cuda" else "cpu"]
+            if self._tree.on_device and self.tp is not None:  # the followers replay the runner's steps, not these
+                self._tree = TreeConfig(self._tree.budget, self._tree.window, self._tree.levels, self._tree.depth)
         return self._tree
 
     # -- requests -------------------------------------------------------------------------------
@@ -240,6 +242,9 @@ class Engine:
             decoding = "tree"
         cfg = (request.lookahead or self.default_lookahead()) if decoding == "lookahead" else None
         tree = (request.tree or self.default_tree()) if decoding == "tree" else None
+        if tree is not None and tree.on_device and self.tp is not None:
+            raise BadRequest(f"a tree drafted on the device ('{tree}') does not run split over GPUs (--tp); "
+                             "leave out '@device'")
         if switches.type_through:
             rest = session.type_through(prefix, suffix)
             if rest is not None:

@@ -11,6 +11,7 @@ from conftest import complete
 
 from engine.decoding import DecodeState, decode_ar
 from engine.device_tree import RANK_ODDS, DeviceTree, decode_device_tree, layout
+from engine.errors import BadRequest
 from engine.tree_decoding import TreeConfig
 
 REPETITIVE = "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1)\n" * 3
@@ -153,6 +154,9 @@ def test_device_tree_configs_parse_and_the_engine_decodes_them(tiny_engine) -> N
     dev = complete(engine, REPETITIVE, decoding="tree", tree=cfg, max_tokens=24, document="b", type_through=False)
     assert dev.tokens == ar.tokens and dev.steps < len(dev.tokens)
     assert engine.sessions.device_tree(cfg) is engine.sessions.device_tree(cfg)  # its table is kept
+    engine.tp = object()  # split over GPUs: the followers would not run the device's steps
+    with pytest.raises(BadRequest, match="--tp"):
+        complete(engine, REPETITIVE, decoding="tree", tree=cfg, max_tokens=4, document="c", type_through=False)
 
 
 @pytest.mark.slow
