@@ -101,6 +101,9 @@ class Session:
         return text[len(typed) :]
 
 
+MAX_DEVICE_TREES = 4  # configs of trees drafted on the device kept at once (requests may name their own)
+
+
 class SessionStore:
     def __init__(self, runner: Runner, budget_bytes: int, max_sessions: int = 64):
         self.runner = runner
@@ -127,11 +130,14 @@ class SessionStore:
 
     def device_tree(self, cfg: TreeConfig) -> DeviceTree:
         """The device's state for a tree drafted there: made on first use, then kept (its table, its graphs)."""
-        tree = self.device_trees.get(cfg)
+        tree = self.device_trees.pop(cfg, None)  # back in last: the least recently used goes first
         if tree is None:
-            tree = self.device_trees[cfg] = DeviceTree(
+            if len(self.device_trees) >= MAX_DEVICE_TREES:  # each holds a table and graphs on the device
+                del self.device_trees[next(iter(self.device_trees))]
+            tree = DeviceTree(
                 self.runner, cfg.budget, cfg.depth if "prompt" in cfg.sources else 0, "recycling" in cfg.sources,
                 min(cfg.depth, RECYCLING_DEPTH), self.recycling_seed)
+        self.device_trees[cfg] = tree
         return tree
 
     def drafters(self, session: Session, ids: list[int], cfg: TreeConfig, extra: Sequence[int] = (),

@@ -12,6 +12,7 @@ from conftest import complete
 from engine.decoding import DecodeState, decode_ar
 from engine.device_tree import RANK_ODDS, DeviceTree, decode_device_tree, layout
 from engine.errors import BadRequest
+from engine.sessions import MAX_DEVICE_TREES
 from engine.tree_decoding import TreeConfig
 
 REPETITIVE = "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1)\n" * 3
@@ -154,6 +155,13 @@ def test_device_tree_configs_parse_and_the_engine_decodes_them(tiny_engine) -> N
     dev = complete(engine, REPETITIVE, decoding="tree", tree=cfg, max_tokens=24, document="b", type_through=False)
     assert dev.tokens == ar.tokens and dev.steps < len(dev.tokens)
     assert engine.sessions.device_tree(cfg) is engine.sessions.device_tree(cfg)  # its table is kept
+    kept = engine.sessions.device_tree(cfg)
+    others = [TreeConfig.parse(f"16,0,2,{depth}@device") for depth in range(2, 2 + MAX_DEVICE_TREES)]
+    for other in others:  # requests naming their own configs: only the recently used few keep device memory
+        engine.sessions.device_tree(cfg)
+        engine.sessions.device_tree(other)
+    trees = engine.sessions.device_trees
+    assert len(trees) == MAX_DEVICE_TREES and trees[cfg] is kept and others[0] not in trees
     engine.tp = object()  # split over GPUs: the followers would not run the device's steps
     with pytest.raises(BadRequest, match="--tp"):
         complete(engine, REPETITIVE, decoding="tree", tree=cfg, max_tokens=4, document="c", type_through=False)
@@ -219,3 +227,31 @@ def test_fused_kernels_do_what_the_torch_steps_do(tiny_model, tiny_config) -> No
     dev = DecodeState(list(ids), 60, frozenset())
     decode_device_tree(graphed, dev, fresh)
     assert dev.new == ar.new and dev.steps < len(dev.new)
+
+
+def test_bench_and_tune_run_trees_drafted_on_the_device(tiny_engine, tmp_path, monkeypatch, capsys) -> None:
+    """`ahead bench --tree ...@device` decodes AR's tokens in fewer steps, and `ahead tune` times such a tree beside a
+    host-drafted one and stores the fastest where the engine reads it back (the "@device" survives the store)."""
+    import json
+
+    from engine import cli, flags
+    from engine.tuning_store import lookup_tuned
+
+    engine = tiny_engine("qwen2", max_seq_len=1024)
+    cases = tmp_path / "cases.jsonl"
+    cases.write_text("\n".join(json.dumps({"id": f"c{i}", "prefix": REPETITIVE[: 90 + 20 * i], "suffix": "\n"})
+                               for i in range(2)) + "\n")
+    monkeypatch.setattr(flags, "engine_from_args", lambda args: engine)
+    common = ["--cases", str(cases), "--max-tokens", "24", "--max-seq-len", "1024", "--json", "--no-chart"]
+    assert cli.main(["bench", *common, "--methods", "ar,tree", "--tree", "16,0,2,6@device"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    same = result["identical"]["tree"]
+    assert result["tree"] == "16,0,2,6@device" and same["vs_ar"] == 1.0 and all(v == 1.0 for v in same.values())
+    assert result["methods"]["tree"]["tokens_per_step"] > 1.0
+    monkeypatch.setenv("AHEAD_HOME", str(tmp_path / "home"))
+    assert cli.main(["tune", *common, "--trees", "16,0,2,6@device;8,0,2,4"]) == 0
+    tuned = json.loads(capsys.readouterr().out)
+    by_config = {r["config"]: r for r in tuned["results"]}
+    assert set(by_config) == {"16,0,2,6@device", "8,0,2,4"} and by_config["16,0,2,6@device"]["on_device"]
+    assert all(r["identical"] == 1.0 for r in tuned["results"])
+    assert str(lookup_tuned(engine, "tree")) == tuned["best"]["config"]

@@ -31,6 +31,7 @@ from ..stops import StopRules
 from ..tree_decoding import TreeConfig
 from .commands import METHODS
 from .harness import (
+    capture_config,
     cases_path,
     check_out_dir,
     complete_case,
@@ -230,12 +231,11 @@ def run_bench(engine: Engine, args: argparse.Namespace, cases: list[dict], cfg: 
     reference = Reference(engine) if any(m in REFERENCE_METHODS for m in methods) else None
 
     if any(m in OUR_METHODS for m in methods):
-        shapes = [c.shape() for method, c in configs.items() if method in methods and not getattr(c, "on_device", 0)]
-        warm_engine(engine, cases, shapes, args.max_tokens)
-        if "tree" in methods and tree.on_device and engine.runner.use_graphs:
-            spans = decode_spans(engine, cases, args.max_tokens)
-            engine.sessions.device_tree(tree).capture(min(lo for lo, _ in spans), max(hi for _, hi in spans))
-            engine.sessions.invalidate_working_cache()
+        warm_engine(engine, cases, [], args.max_tokens)
+        spans = decode_spans(engine, cases, args.max_tokens)
+        for method, c in configs.items():
+            if method in methods:
+                capture_config(engine, c, spans)
     runs: dict[str, list[Run]] = {}
     for method in methods:
         run_case(engine, reference, method, cases[0], configs.get(method), args.max_tokens, 1)  # warm-up

@@ -113,6 +113,17 @@ def capture_shapes(engine: Engine, shapes: list[StepShape], spans: list[tuple[in
     engine.sessions.invalidate_working_cache()
 
 
+def capture_config(engine: Engine, cfg: LookaheadConfig | TreeConfig, spans: list[tuple[int, int]]) -> None:
+    """Capture a decoding config's graphs for steps based in `spans`, outside any timing: its step shape's, or a
+    tree drafted on the device's own (which writes junk K/V too)."""
+    if isinstance(cfg, TreeConfig) and cfg.on_device:
+        if engine.runner.use_graphs:
+            engine.sessions.device_tree(cfg).capture(min(lo for lo, _ in spans), max(hi for _, hi in spans))
+            engine.sessions.invalidate_working_cache()
+        return
+    capture_shapes(engine, [cfg.shape()], spans)
+
+
 def decode_spans(engine: Engine, cases: list[dict], max_tokens: int) -> list[tuple[int, int]]:
     """(first, last) base slot of the decode steps of each case."""
     return [(len(ids) - 1, len(ids) + max_tokens) for ids in (prompt_ids(engine, c) for c in cases)]

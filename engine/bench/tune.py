@@ -43,7 +43,7 @@ from ..runner import DECODE, Runner, StepShape, sync
 from ..tree_decoding import TreeConfig
 from ..tuning_store import store_tuned, tuning_key
 from .harness import (
-    capture_shapes,
+    capture_config,
     cases_path,
     check_out_dir,
     complete_case,
@@ -130,7 +130,7 @@ def run_tune(engine: Engine, args: argparse.Namespace, cases: list[dict], config
     spans = decode_spans(engine, cases, args.max_tokens)
     results = []
     for cfg in progress(configs, "tune", "config"):
-        capture_shapes(engine, [cfg.shape()], spans)
+        capture_config(engine, cfg, spans)
         got = decode_cases(engine, cases, cfg, args.max_tokens)
         same = sum(a == b for a, b in zip(got["outputs"], ar["outputs"], strict=True)) / len(cases)
         results.append({
