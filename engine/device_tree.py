@@ -7,11 +7,9 @@ one step behind, while the GPU runs the next: nothing of it sits between two ste
 The drafts are the two sources that pay most and that the device can make by itself:
 - a prompt-lookup chain: the latest longest earlier match of the committed text's suffix (up to `MATCH`
   tokens), and the `depth` tokens that followed it;
-- a recycling tree of a fixed shape, grown from the last token through top-k successor tables that every
-  step's rows update (Token Recycling, arXiv 2408.08696): rank paths in the order of how likely a rank-r
-  successor is to be right (`RANK_ODDS`). As in `engine/sources/recycling.py` a row looks up the pair
-  (its parent's parent's token, its parent's token) first and the parent's token alone where the pair is
-  unknown: on the CPU the pair table took the host tree's recycling alone from 2.7 to 3.8 tokens a step.
+- a recycling tree of a fixed shape, grown from the last token through a token -> top-k successors table
+  that every step's rows update (Token Recycling, arXiv 2408.08696): rank paths in the order of how likely a
+  rank-r successor is to be right (`RANK_ODDS`).
 
 The rows' layout is fixed (the shape, not the tokens), so a step's positions and mask never change. The verifier
 finds the deepest row whose every ancestor is the greedy token after its parent, commits that path plus the
@@ -38,7 +36,6 @@ MATCH = 6  # longest suffix match the chain's search tells apart
 # rank paths first). Rough odds from the host tree's calibration on the bench cases; only the order matters.
 RANK_ODDS = (0.5, 0.13, 0.06, 0.04, 0.03, 0.02, 0.015, 0.01)
 RECYCLING_DEPTH = 8  # the recycling tree's deepest row
-PAIRS = 1 << 18  # (previous, token) -> successors rows, found by a hash of the pair; a pair overwrites another
 
 
 @dataclass(frozen=True)
@@ -48,9 +45,8 @@ class Layout:
 
     parent: np.ndarray  # [T] (-1: the root)
     depth: np.ndarray  # [T]
-    rank: np.ndarray  # [T] which successor of its parent's token a recycling row is (-1: root, chains, padding)
+    rank: np.ndarray  # [T] which successor of its parent's token a recycling row is (-1: root, chain, padding)
     chain: int
-    second: int = 0  # the second chain's rows, after the first's
 
     @property
     def rows(self) -> int:
@@ -75,15 +71,12 @@ class Layout:
         return local
 
 
-def layout(rows: int, chain: int, recycling: bool = True, max_depth: int = RECYCLING_DEPTH, second: int = 0) -> Layout:
-    """`rows` rows: the root, a `chain`-long chain, a `second`-long one, then the likeliest recycling rank paths
-    (or, without recycling, rows that only repeat the root's child slot: padding)."""
-    if rows < 1 + chain + second:
-        raise ValueError(f"a {rows}-row step cannot hold chains of {chain} and {second} tokens")
+def layout(rows: int, chain: int, recycling: bool = True, max_depth: int = RECYCLING_DEPTH) -> Layout:
+    """`rows` rows: the root, a `chain`-long chain, the `rows - 1 - chain` likeliest recycling rank paths (or,
+    without recycling, rows that only repeat the root's child slot: padding)."""
+    if rows < 1 + chain:
+        raise ValueError(f"a {rows}-row step cannot hold a {chain}-token chain")
     parent, depth, rank = [-1, *range(chain)], list(range(chain + 1)), [-1] * (chain + 1)
-    parent += [0, *range(chain + 1, chain + second)][:second]
-    depth += list(range(1, second + 1))
-    rank += [-1] * second
     heap = [(-RANK_ODDS[r], 0, r, 1) for r in range(TOP_K)] if recycling else []
     heapq.heapify(heap)
     while len(parent) < rows:
@@ -95,16 +88,7 @@ def layout(rows: int, chain: int, recycling: bool = True, max_depth: int = RECYC
         if d < max_depth:
             for r2 in range(TOP_K):
                 heapq.heappush(heap, (odds * RANK_ODDS[r2], len(parent) - 1, r2, d + 1))
-    return Layout(np.array(parent), np.array(depth), np.array(rank), chain, second)
-
-
-def pair_key(before: Tensor, token: Tensor) -> Tensor:
-    return before * (1 << 24) + token
-
-
-def pair_slot(key: Tensor) -> Tensor:
-    """The pair table's slot of a key (`kernels.learn_device_tree` hashes the same way)."""
-    return ((key >> 24) * 40503 + (key & 0xFFFFFF) * 9973) & (PAIRS - 1)
+    return Layout(np.array(parent), np.array(depth), np.array(rank), chain)
 
 
 class DeviceTree:
@@ -112,25 +96,22 @@ class DeviceTree:
     request), the step's rows and its commit; and the step's graphs, one per visible-length bucket."""
 
     def __init__(self, runner: Runner, rows: int, chain: int, recycling: bool = True,
-                 recycling_depth: int = RECYCLING_DEPTH, seed: np.ndarray | None = None, second: int = 0):
+                 recycling_depth: int = RECYCLING_DEPTH, seed: np.ndarray | None = None):
         """`seed`: the recycling table to start from (`engine/recycling_prior.py`'s [vocab, 2, k] rows)."""
         self.runner = runner
         dev = runner.device
-        self.layout = lay = layout(rows, chain, recycling, recycling_depth, second)
+        self.layout = lay = layout(rows, chain, recycling, recycling_depth)
         self.rows, self.depth_max = lay.rows, int(lay.depth.max())
         D = self.depth_max
         t = lambda x: torch.as_tensor(x, device=dev)  # noqa: E731
         self.parent = t(np.maximum(lay.parent, 0))
-        # each row's grandparent (-1: the parent is the root, whose own previous token is in the text)
-        grand = np.where(lay.parent > 0, lay.parent[np.maximum(lay.parent, 0)], -1)
-        self.grand = t(grand)
         self.is_root = t(lay.parent < 0)
         self.depth = t(lay.depth)
         self.rank = t(lay.rank)
         self.anc = t(lay.ancestors())
         self.local = t(lay.sees())
         self.row_score = t(lay.depth * rows + (rows - 1 - np.arange(rows)))  # deepest, then first row
-        self.levels = [(t(rs), t(lay.parent[rs]), t(grand[rs]), t(lay.rank[rs]))
+        self.levels = [(t(rs), t(lay.parent[rs]), t(lay.rank[rs]))
                        for d in range(1, D + 1) if len(rs := np.where((lay.rank >= 0) & (lay.depth == d))[0])]
         self.capacity = runner.capacity
         self.seq = torch.zeros(self.capacity + D + 2, dtype=torch.long, device=dev)  # room for a last commit
@@ -142,11 +123,6 @@ class DeviceTree:
         self._positions = torch.arange(self.capacity, device=dev)
         self._js = torch.arange(D + 1, device=dev)
         vocab = runner.model.args.vocab_size
-        if vocab > 1 << 24:
-            raise ValueError(f"a {vocab}-token vocabulary does not fit the pair keys")
-        # slot PAIRS takes the pairs nobody looks up (a row with no known previous token)
-        self.pair_ids = torch.zeros(PAIRS + 1, TOP_K, dtype=torch.long, device=dev)
-        self.pair_keys = torch.full((PAIRS + 1,), -1, dtype=torch.long, device=dev)
         start = np.zeros((vocab, TOP_K), np.int64) if seed is None else np.maximum(seed[:, 0, :TOP_K], 0)
         self.seed = t(start.astype(np.int64))
         self.table = self.seed.clone()
@@ -154,9 +130,8 @@ class DeviceTree:
         self.fused = kernels.usable(self.tokens)
 
     def forget(self) -> None:
-        """The tables back to their start (benchmarks: no case may profit from its own earlier output)."""
+        """The table back to its seed (benchmarks: no case may profit from its own earlier output)."""
         self.table.copy_(self.seed)
-        self.pair_keys.fill_(-1)
 
     def start(self, seq: list[int]) -> None:
         if len(seq) + self.depth_max + 2 > len(self.seq):
@@ -169,9 +144,8 @@ class DeviceTree:
     def _step(self, visible: int) -> None:
         model, T, D = self.runner.model, self.rows, self.depth_max
         if self.fused:
-            kernels.draft_device_tree(self.seq, self.n, self.table, self.pair_ids, self.pair_keys, self.tokens,
-                                      self.parent, self.grand, self.rank, self.depth, self.layout.chain,
-                                      self.layout.second, D, MATCH)
+            kernels.draft_device_tree(self.seq, self.n, self.table, self.tokens, self.parent, self.rank, self.depth,
+                                      self.layout.chain, D, MATCH)
         else:
             self._draft()
         last = self.n - 1  # the root's slot: the last committed token has no K/V yet
@@ -190,12 +164,11 @@ class DeviceTree:
             kernels.verify_device_tree(self.tokens, greedy, self.parent, self.anc, self.depth, self.seq, self.n,
                                        self.commit, self.count, self.moves)
             ids, _ = kernels.top_k_probs(logits, TOP_K)
-            kernels.learn_device_tree(self.tokens, self.parent, self.seq, last, ids, self.table, self.pair_ids,
-                                      self.pair_keys)
         else:
             self._verify(logits.argmax(-1), last)
-            self._learn(last, logits.topk(TOP_K, dim=-1).indices)
+            ids = logits.topk(TOP_K, dim=-1).indices
         move_kv(model.kv, self.moves[0], self.moves[1])
+        self.table.index_copy_(0, self.tokens, ids)  # what each row's token was followed by, this time
 
     def _draft(self) -> None:
         """The rows' tokens (what `kernels.draft_device_tree` does in one launch)."""
@@ -211,31 +184,8 @@ class DeviceTree:
         start = torch.where(length[best] > 0, best, self.capacity - 2)
         tokens[0:1] = seq[last]
         tokens[1 : 1 + chain] = seq[(start + 1 + self._js[:chain]).clamp(max=self.capacity - 1)]
-        second = self.layout.second
-        if second:  # the best match whose next token differs from the first chain's
-            other = (length > 0) & (seq[at + 1] != seq[start + 1])
-            best = torch.argmax(torch.where(other, length * self.capacity + at, -1))
-            start = torch.where(other[best], best, self.capacity - 2)
-            tokens[1 + chain : 1 + chain + second] = seq[(start + 1 + self._js[:second]).clamp(max=self.capacity - 1)]
-        before_root = torch.where(last > 0, seq[(last - 1).clamp(min=0)], -1)
-        for rows, parents, grands, ranks in self.levels:
-            above = tokens[parents]
-            key = pair_key(torch.where(grands >= 0, tokens[grands.clamp(min=0)], before_root), above)
-            slot = pair_slot(key)
-            known = self.pair_keys[slot] == key
-            tokens[rows] = torch.where(known, self.pair_ids[slot, ranks], self.table[above, ranks])
-
-    def _learn(self, last: Tensor, ids: Tensor) -> None:
-        """What each row's token was followed by, this time, alone and after its previous token
-        (`kernels.learn_device_tree`)."""
-        tokens = self.tokens
-        before = torch.where(self.is_root, torch.where(last > 0, self.seq[(last - 1).clamp(min=0)], -1),
-                             tokens[self.parent])
-        key = pair_key(before, tokens)
-        slot = torch.where(before >= 0, pair_slot(key), PAIRS)
-        self.table.index_copy_(0, tokens, ids)
-        self.pair_ids.index_copy_(0, slot, ids)
-        self.pair_keys.index_copy_(0, slot, key)
+        for rows, parents, ranks in self.levels:
+            tokens[rows] = self.table[tokens[parents], ranks]
 
     def _verify(self, greedy: Tensor, last: Tensor) -> None:
         """Commit the deepest accepted path plus the greedy token after it (`kernels.verify_device_tree`)."""

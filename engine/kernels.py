@@ -641,9 +641,8 @@ def top_k_probs(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
 if triton is not None:
 
     @triton.jit
-    def _draft_device_tree_kernel(seq, n_ptr, table, pair_ids, pair_keys, tokens, parent, grand, rank, depth, chain,
-                                  second, T, D, CAP, PAIRS, K: tl.constexpr, MATCH: tl.constexpr, BLOCK: tl.constexpr,
-                                  TB: tl.constexpr):
+    def _draft_device_tree_kernel(seq, n_ptr, table, tokens, parent, rank, depth, chain, T, D, CAP,
+                                  K: tl.constexpr, MATCH: tl.constexpr, BLOCK: tl.constexpr, TB: tl.constexpr):
         # One program: the latest longest match of the text's suffix, then the rows' tokens level by level
         # (a barrier between levels: each reads its parents' tokens, written by other threads).
         last = tl.load(n_ptr) - 1
@@ -662,39 +661,14 @@ if triton is not None:
         in_chain = (r >= 1) & (r <= chain)
         copied = tl.load(seq + tl.minimum(after + r, CAP - 1), mask=in_chain, other=0)
         tl.store(tokens + r, tl.where(r == 0, tl.load(seq + last), copied), mask=(r == 0) | in_chain)
-        if second > 0:  # the best match whose next token differs from the first chain's
-            first_next = tl.load(seq + after + 1)
-            best = tl.full([], -1, tl.int64)
-            for start in range(0, last, BLOCK):
-                at = start + tl.arange(0, BLOCK).to(tl.int64)
-                run = at < last
-                length = tl.zeros([BLOCK], tl.int64)
-                for k in tl.static_range(MATCH):
-                    ours = tl.load(seq + last - k, mask=last >= k, other=-2)
-                    run = run & (at >= k) & (tl.load(seq + at - k, mask=run & (at >= k), other=-1) == ours)
-                    length += run.to(tl.int64)
-                other = (length > 0) & (tl.load(seq + at + 1, mask=at < last, other=-1) != first_next)
-                best = tl.maximum(best, tl.max(tl.where(other, length * CAP + at, -1), axis=0))
-            after = tl.where(best >= 0, best % CAP, CAP - 2)
-            in_second = (r > chain) & (r <= chain + second)
-            copied = tl.load(seq + tl.minimum(after + r - chain, CAP - 1), mask=in_second, other=0)
-            tl.store(tokens + r, copied, mask=in_second)
         tl.debug_barrier()
         rk = tl.load(rank + r, mask=r < T, other=-1)
         dp = tl.load(depth + r, mask=r < T, other=0)
         up = tl.load(parent + r, mask=r < T, other=0)
-        gp = tl.load(grand + r, mask=r < T, other=-1)
-        before_root = tl.where(last > 0, tl.load(seq + last - 1, mask=last > 0, other=-1), -1)
         for d in range(1, D + 1):
             level = (rk >= 0) & (dp == d)
             above = tl.load(tokens + up, mask=level, other=0)
-            before = tl.where(gp >= 0, tl.load(tokens + gp, mask=level & (gp >= 0), other=0), before_root)
-            key = before * 16777216 + above  # `device_tree.pair_key` and `pair_slot`
-            slot = ((key >> 24) * 40503 + (key & 0xFFFFFF) * 9973) & (PAIRS - 1)
-            known = tl.load(pair_keys + slot, mask=level, other=-1) == key
-            alone = tl.load(table + above * K + rk, mask=level & ~known, other=0)
-            paired = tl.load(pair_ids + slot * K + rk, mask=level & known, other=0)
-            tl.store(tokens + r, tl.where(known, paired, alone), mask=level)
+            tl.store(tokens + r, tl.load(table + above * K + rk, mask=level, other=0), mask=level)
             tl.debug_barrier()
 
     @triton.jit
@@ -722,16 +696,14 @@ if triton is not None:
         tl.store(n_ptr, n + d + 1)
 
 
-def draft_device_tree(seq: Tensor, n: Tensor, table: Tensor, pair_ids: Tensor, pair_keys: Tensor, tokens: Tensor,
-                      parent: Tensor, grand: Tensor, rank: Tensor, depth: Tensor, chain: int, second: int,
-                      max_depth: int, match: int) -> None:
+def draft_device_tree(seq: Tensor, n: Tensor, table: Tensor, tokens: Tensor, parent: Tensor, rank: Tensor,
+                      depth: Tensor, chain: int, max_depth: int, match: int) -> None:
     """A device-drafted step's row tokens from the text `seq[:n]` and the recycling `table` (see
     `engine/device_tree.py`, whose torch `_draft` is the reference): one launch, where torch's ops took ~80."""
     T = tokens.shape[0]
-    _draft_device_tree_kernel[(1,)](seq, n, table, pair_ids, pair_keys, tokens, parent, grand, rank, depth, chain,
-                                    second, T, max_depth, seq.shape[0] - max_depth - 2, pair_keys.shape[0] - 1,
-                                    K=table.shape[1], MATCH=match, BLOCK=1024, TB=triton.next_power_of_2(T),
-                                    num_warps=4)
+    _draft_device_tree_kernel[(1,)](seq, n, table, tokens, parent, rank, depth, chain, T, max_depth,
+                                    seq.shape[0] - max_depth - 2, K=table.shape[1], MATCH=match, BLOCK=1024,
+                                    TB=triton.next_power_of_2(T), num_warps=4)
 
 
 def verify_device_tree(tokens: Tensor, greedy: Tensor, parent: Tensor, anc: Tensor, depth: Tensor, seq: Tensor,
@@ -740,31 +712,3 @@ def verify_device_tree(tokens: Tensor, greedy: Tensor, parent: Tensor, anc: Tens
     T, D = tokens.shape[0], anc.shape[1] - 1
     _verify_device_tree_kernel[(1,)](tokens, greedy, parent, anc, depth, seq, n, commit, count, moves, T, D,
                                      TB=triton.next_power_of_2(T), DB=triton.next_power_of_2(D + 1), num_warps=4)
-
-
-if triton is not None:
-
-    @triton.jit
-    def _learn_device_tree_kernel(tokens, parent, seq, last_ptr, ids, table, pair_ids, pair_keys, PAIRS,
-                                  K: tl.constexpr):
-        # One program a row: its top-k successors, under its token and under (its previous token, its token).
-        r = tl.program_id(0)
-        token = tl.load(tokens + r)
-        last = tl.load(last_ptr)
-        before_root = tl.where(last > 0, tl.load(seq + last - 1, mask=last > 0, other=-1), -1)
-        before = tl.where(r == 0, before_root, tl.load(tokens + tl.load(parent + r)))
-        key = before * 16777216 + token
-        slot = tl.where(before >= 0, ((key >> 24) * 40503 + (key & 0xFFFFFF) * 9973) & (PAIRS - 1), PAIRS)
-        j = tl.arange(0, K)
-        successors = tl.load(ids + r * K + j)
-        tl.store(table + token * K + j, successors)
-        tl.store(pair_ids + slot * K + j, successors)
-        tl.store(pair_keys + slot, key)
-
-
-def learn_device_tree(tokens: Tensor, parent: Tensor, seq: Tensor, last: Tensor, ids: Tensor, table: Tensor,
-                      pair_ids: Tensor, pair_keys: Tensor) -> None:
-    """A device-drafted step's rows teach both recycling tables (torch reference: `DeviceTree._learn`): one launch.
-    Rows with one token write in no fixed order, as the reference's copies do."""
-    _learn_device_tree_kernel[(tokens.shape[0],)](tokens, parent, seq, last, ids, table, pair_ids, pair_keys,
-                                                  pair_keys.shape[0] - 1, K=ids.shape[1], num_warps=1)

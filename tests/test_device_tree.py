@@ -10,7 +10,7 @@ import torch
 from conftest import complete
 
 from engine.decoding import DecodeState, decode_ar
-from engine.device_tree import RANK_ODDS, TOP_K, DeviceTree, decode_device_tree, layout, pair_key, pair_slot
+from engine.device_tree import RANK_ODDS, DeviceTree, decode_device_tree, layout
 from engine.errors import BadRequest
 from engine.sessions import MAX_DEVICE_TREES
 from engine.tree_decoding import TreeConfig
@@ -109,41 +109,6 @@ def test_draft_copies_the_latest_longest_match_and_grows_the_table(tiny_engine) 
         above = int(tree.tokens[lay.parent[r]])
         assert int(tree.tokens[r]) == int(tree.table[above, lay.rank[r]])
     assert int(tree.tokens[next(r for r in range(4, 14) if lay.parent[r] == 0 and lay.rank[r] == 2)]) == 102
-    # the pair (previous token, token) is looked up first: the root's children follow (2, 3), not 3 alone
-    key = pair_key(torch.tensor(2), torch.tensor(3))
-    tree.pair_keys[pair_slot(key)], tree.pair_ids[pair_slot(key)] = key, torch.arange(300, 308)
-    tree._draft()
-    for r in range(4, 14):
-        above = int(tree.tokens[lay.parent[r]])
-        want = 300 + lay.rank[r] if lay.parent[r] == 0 else int(tree.table[above, lay.rank[r]])  # (3, 30x): unknown
-        assert int(tree.tokens[r]) == want, r
-    # a second chain: the best match whose next token is not the first chain's (the longer old one, not "2 3")
-    both = DeviceTree(engine.runner, 17, 3, second=3)
-    both.start(text)
-    both._draft()
-    assert both.tokens[:7].tolist() == [3, 70, 71, 72, 50, 51, 52]
-    assert list(both.layout.parent[4:7]) == [0, 4, 5] and list(both.layout.depth[4:7]) == [1, 2, 3]
-
-
-def test_each_row_teaches_both_tables(tiny_engine) -> None:
-    """A step's rows write their successors under their token and under (the token before it on their path, their
-    token); the root's token before it is the text's. Catches a pair keyed by the wrong previous token."""
-    engine = tiny_engine("qwen2")
-    tree = DeviceTree(engine.runner, 12, 3)
-    tree.start([5, 6, 7])
-    tokens = torch.tensor([7, *range(40, 51)])
-    tree.tokens.copy_(tokens)
-    ids = torch.randint(0, 512, (12, TOP_K), generator=torch.Generator().manual_seed(0))
-    tree._learn(tree.n - 1, ids)
-    lay = tree.layout
-    for r in range(12):
-        before = 6 if r == 0 else int(tokens[lay.parent[r]])
-        key = pair_key(torch.tensor(before), tokens[r])
-        slot = pair_slot(key)
-        assert torch.equal(tree.table[tokens[r]], ids[r]) and int(tree.pair_keys[slot]) == int(key)
-        assert torch.equal(tree.pair_ids[slot], ids[r])
-    tree.forget()
-    assert not (tree.pair_keys >= 0).any()
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
@@ -231,7 +196,7 @@ def test_fused_kernels_do_what_the_torch_steps_do(tiny_model, tiny_config) -> No
     _, ckpt = tiny_model(tiny_config("qwen2", vocab_size=512))
     model = build_model(ckpt, torch.device("cuda"), torch.float32, 1024)
     runner = Runner(model, use_graphs=False)
-    tree = DeviceTree(runner, 32, 8, second=4)
+    tree = DeviceTree(runner, 32, 8)
     assert tree.fused
     ids = [int(x) for x in torch.randint(0, 512, (40,), generator=torch.Generator().manual_seed(1))] * 3
     runner.prefill(ids[:-1], 0)
@@ -253,7 +218,7 @@ def test_fused_kernels_do_what_the_torch_steps_do(tiny_model, tiny_config) -> No
         assert torch.equal(got[4], ref[4]) and torch.equal(got[3][: int(ref[4][0])], ref[3][: int(ref[4][0])])
         assert torch.equal(got[5], ref[5])
     graphed = Runner(model, use_graphs=True)
-    fresh = DeviceTree(graphed, 32, 8, second=4)
+    fresh = DeviceTree(graphed, 32, 8)
     assert fresh.capture(0, 300) == len(fresh.graphs)  # before any request: its eager steps must stay in the cache
     runner.prefill(ids[:-1], 0)
     ar = DecodeState(list(ids), 60, frozenset())
