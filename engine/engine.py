@@ -153,11 +153,11 @@ class Engine:
         from .warmup import warm_up
 
         shapes = [self.default_lookahead().shape()]
-        if TREE_BY_DEFAULT[self.device.type]:
-            shapes.append(self.default_tree().shape())
+        tree = self.default_tree() if TREE_BY_DEFAULT[self.device.type] else None
+        if tree is not None and not tree.on_device:
+            shapes.append(tree.shape())
         captured = warm_up(self.runner, shapes, self.log)
-        if TREE_BY_DEFAULT[self.device.type] and self.default_tree().on_device and self.runner.use_graphs:
-            tree = self.default_tree()
+        if tree is not None and tree.on_device and self.runner.use_graphs:  # its own graphs, not a shape's
             captured += self.sessions.device_tree(tree).capture(0, self.runner.capacity - tree.budget)
         started = time.perf_counter()
         compile_host_loop()
