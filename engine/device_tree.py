@@ -142,22 +142,14 @@ class DeviceTree:
     # -- one step, from device state alone -------------------------------------------------------------
     @torch.no_grad()
     def _step(self, visible: int) -> None:
-        model, T, D = self.runner.model, self.rows, self.depth_max
+        model, D = self.runner.model, self.depth_max
         if self.fused:
             kernels.draft_device_tree(self.seq, self.n, self.table, self.tokens, self.parent, self.rank, self.depth,
                                       self.layout.chain, D, MATCH)
         else:
             self._draft()
         last = self.n - 1  # the root's slot: the last committed token has no K/V yet
-        dtype = model.output.weight.dtype
-        if self.fused:
-            positions, slots, bias = kernels.step_layout(last, self.depth, self.local, visible, dtype)
-        else:
-            positions, slots = last + self.depth, last + self._positions[:T]
-            s = self._positions[:visible]
-            offset = s - last
-            sees = (s < last) | (self.local[:, offset.clamp(0, T - 1)] & (offset >= 0) & (offset < T))
-            bias = torch.zeros(sees.shape, dtype=dtype, device=sees.device).masked_fill_(~sees, float("-inf"))
+        positions, slots, bias = self.runner.step_layout(last, self.depth, self.local, visible)
         logits = model(self.tokens, positions, slots, bias, logits=True)
         if self.fused:
             greedy = kernels.argmax(logits)

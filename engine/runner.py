@@ -123,28 +123,31 @@ class Runner:
         """The whole step from the shape's device inputs only, so that it can be captured."""
         inputs = self.inputs(shape)
         inputs.receive()
-        base, local = inputs.base, inputs.local
-        T = shape.size
-        dtype = self.model.output.weight.dtype
-        if kernels.usable(base):  # one kernel
-            positions, slots, bias = kernels.step_layout(base, inputs.rel_pos, local, visible, dtype)
-        else:
-            positions = base + inputs.rel_pos
-            slots = base + self._arange[:T]
-            s = self._arange[:visible]
-            offset = s - base  # [L]: where each visible slot falls inside this step's block
-            in_block = (offset >= 0) & (offset < T)
-            sees = (s < base) | (local[:, offset.clamp(0, T - 1)] & in_block)
-            bias = torch.zeros(sees.shape, dtype=dtype, device=sees.device).masked_fill_(~sees, float("-inf"))
+        positions, slots, bias = self.step_layout(inputs.base, inputs.rel_pos, inputs.local, visible)
         if shape.moves:
             move_kv(self.model.kv, inputs.moves[0], inputs.moves[1])
         # A causal block that spans the whole visible cache can only be based at slot 0 (a prompt's first
         # chunk): its mask is plain causal.
-        causal = shape.causal and T == visible
+        causal = shape.causal and shape.size == visible
         out = self.model(inputs.tokens, positions, slots, bias, logits=shape.logits, causal=causal)
         if not shape.logits:
             return out[:0, 0].long(), None
         return (kernels.argmax(out) if kernels.usable(out) else out.argmax(-1)), out
+
+    def step_layout(self, base: Tensor, rel_pos: Tensor, local: Tensor, visible: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(positions [T], slots [T], additive mask [T, visible]) of a step at slot `base` (a one-element tensor)
+        whose rows sit at `rel_pos` after it and see the step's own rows where `local` [T, T] says, from device
+        tensors only: one kernel on CUDA (`kernels.step_layout`), torch ops elsewhere."""
+        dtype = self.model.output.weight.dtype
+        if kernels.usable(base):
+            return kernels.step_layout(base, rel_pos, local, visible, dtype)
+        T = rel_pos.shape[0]
+        s = self._arange[:visible]
+        offset = s - base  # [L]: where each visible slot falls inside this step's block
+        in_block = (offset >= 0) & (offset < T)
+        sees = (s < base) | (local[:, offset.clamp(0, T - 1)] & in_block)
+        bias = torch.zeros(sees.shape, dtype=dtype, device=sees.device).masked_fill_(~sees, float("-inf"))
+        return base + rel_pos, base + self._arange[:T], bias
 
     # -- running ------------------------------------------------------------------------------
     def step(
