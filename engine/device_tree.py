@@ -118,7 +118,7 @@ class DeviceTree:
         self.n = torch.zeros(1, dtype=torch.long, device=dev)  # tokens committed
         self.tokens = torch.zeros(rows, dtype=torch.long, device=dev)
         self.commit = torch.zeros(D + 1, dtype=torch.long, device=dev)
-        self.count = torch.zeros(1, dtype=torch.long, device=dev)
+        self.count = torch.zeros(2, dtype=torch.long, device=dev)  # tokens committed, and the deepest right row
         self.moves = torch.zeros(2, D, dtype=torch.long, device=dev)  # the path's slots, and where they go
         self._positions = torch.arange(self.capacity, device=dev)
         self._js = torch.arange(D + 1, device=dev)
@@ -190,7 +190,7 @@ class DeviceTree:
         commit = torch.where(self._js < d, tokens[path.roll(-1)], greedy[best])
         self.commit.copy_(commit)
         self.seq.index_copy_(0, self.n + self._js, commit)
-        self.count.copy_(d + 1)
+        self.count.copy_(torch.cat([d + 1, best]))
         self.n.add_(d + 1)
         moved = self._js[1:] <= d
         self.moves[0].copy_(torch.where(moved, last + path[1:], 0))
@@ -208,21 +208,11 @@ class DeviceTree:
 
     def _capture(self, visible: int) -> torch.cuda.CUDAGraph:
         # One eager run first (kernel compiles, library handles) on a side stream, with the state put back after.
-        runner, dev = self.runner, self.runner.device
         saved = self.seq.clone(), self.n.clone(), self.table.clone()
         # A capture before any request (n = 0) runs its eager step at slot 0: its junk K/V lie in a cache that
         # the caller marks invalid. One during a request runs it where the real step is about to.
         self.n.clamp_(1, visible - self.rows + 1)
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
-            self._step(visible)
-        torch.cuda.current_stream(dev).wait_stream(side)
-        if runner._pool is None:
-            runner._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=runner._pool):
-            self._step(visible)
+        graph, _ = self.runner.capture_graph(lambda: self._step(visible), eager=1)
         for mine, old in zip((self.seq, self.n, self.table), saved, strict=True):
             mine.copy_(old)
         return graph
@@ -260,4 +250,9 @@ def decode_device_tree(runner: Runner, state: DecodeState, tree: DeviceTree) -> 
             launched += 1
         count, commit = backs[read % 2].values()
         read += 1
-        state.commit(commit[: int(count[0])].tolist())
+        committed, row = int(count[0]), int(count[1])
+        guessed = min(committed - 1, state.commit(commit[:committed].tolist()))  # drafted tokens kept
+        if guessed > 0:
+            state.pool_hits += 1
+            source = "prompt" if row <= tree.layout.chain else "recycling"  # the path's source: its deepest row's
+            state.by_source[source] = state.by_source.get(source, 0) + guessed

@@ -158,7 +158,11 @@ class Engine:
             shapes.append(tree.shape())
         captured = warm_up(self.runner, shapes, self.log)
         if tree is not None and tree.on_device and self.runner.use_graphs:  # its own graphs, not a shape's
-            captured += self.sessions.device_tree(tree).capture(0, self.runner.capacity - tree.budget)
+            started = time.perf_counter()
+            drafted = self.sessions.device_tree(tree).capture(0, self.runner.capacity - tree.budget)
+            self.log(f"ahead: captured {drafted} CUDA graphs of the device-drafted tree {tree} "
+                     f"in {time.perf_counter() - started:.1f} s")
+            captured += drafted
         started = time.perf_counter()
         compile_host_loop()
         if (took := time.perf_counter() - started) > 1.0:  # a first start compiled it; later ones load numba's cache

@@ -692,6 +692,7 @@ if triton is not None:
         tl.store(moves + j, tl.where(moved, n - 1 + on_path, 0), mask=j < D)
         tl.store(moves + D + j, tl.where(moved, n + j, 0), mask=j < D)
         tl.store(count, d + 1)
+        tl.store(count + 1, row)
         tl.debug_barrier()  # every thread has read n
         tl.store(n_ptr, n + d + 1)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -21,6 +22,8 @@ from torch import Tensor
 from . import kernels
 from .model import Transformer
 from .staging import ReadBack, Staging, StepInputs
+
+Out = TypeVar("Out")
 
 
 def sync(device: torch.device) -> None:
@@ -195,23 +198,31 @@ class Runner:
 
     @torch.no_grad()
     def _capture(self, shape: StepShape, visible: int) -> Captured:
-        # Eager runs first, once per shape (library handles, kernel compiles), on a side stream as
-        # capture requires; other cache lengths of the shape reuse them (warm-up of 111 graphs for the
-        # 1.5B on an H200: 8.6 s -> 5.4 s). They write the same K/V the real step is about to write.
-        if shape.name not in self._warmed:
+        # Eager runs first, once per shape (library handles, kernel compiles); other cache lengths of the
+        # shape reuse them (warm-up of 111 graphs for the 1.5B on an H200: 8.6 s -> 5.4 s). They write the
+        # same K/V the real step is about to write.
+        graph, (argmax, logits) = self.capture_graph(lambda: self._forward(shape, visible),
+                                                     eager=0 if shape.name in self._warmed else 2)
+        self._warmed.add(shape.name)
+        return Captured(graph, argmax, logits)
+
+    def capture_graph(self, run: Callable[[], Out], eager: int) -> tuple[torch.cuda.CUDAGraph, Out]:
+        """`run` captured into a CUDA graph in the runner's memory pool (every graph shares it: only one runs
+        at a time), after `eager` runs on a side stream, as capture requires; and what the captured run
+        returned, the tensors a replay rewrites."""
+        if eager:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
-                for _ in range(2):
-                    self._forward(shape, visible)
+                for _ in range(eager):
+                    run()
             torch.cuda.current_stream(self.device).wait_stream(side)
-            self._warmed.add(shape.name)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            argmax, logits = self._forward(shape, visible)
-        return Captured(graph, argmax, logits)
+            out = run()
+        return graph, out
 
     def prefill(self, tokens: list[int], start: int, cancelled: Callable[[], bool] | None = None) -> int:
         """Write K/V for `tokens` at slots start.. (no logits: the decode loop makes the first).

@@ -80,7 +80,7 @@ def test_verifier_commits_the_deepest_right_path_and_moves_its_slots(tiny_engine
     greedy[second] = 77  # the bonus
     tree.tokens.copy_(tokens)
     tree._verify(greedy, tree.n - 1)
-    assert int(tree.count[0]) == 3 and tree.commit[:3].tolist() == [10, 11, 77]
+    assert tree.count.tolist() == [3, second] and tree.commit[:3].tolist() == [10, 11, 77]  # and the path's row
     assert int(tree.n[0]) == 7 and tree.seq[:7].tolist() == [5, 6, 7, 8, 10, 11, 77]
     moved = tree.moves[0] != 0
     assert tree.moves[0][moved].tolist() == [3 + first, 3 + second] and tree.moves[1][moved].tolist() == [4, 5]
@@ -88,7 +88,7 @@ def test_verifier_commits_the_deepest_right_path_and_moves_its_slots(tiny_engine
     tree.start([5, 6, 7, 8])
     greedy[0] = 55
     tree._verify(greedy, tree.n - 1)
-    assert int(tree.count[0]) == 1 and int(tree.commit[0]) == 55 and not tree.moves.any()
+    assert tree.count.tolist() == [1, 0] and int(tree.commit[0]) == 55 and not tree.moves.any()
 
 
 def test_draft_copies_the_latest_longest_match_and_grows_the_table(tiny_engine) -> None:
@@ -113,12 +113,16 @@ def test_draft_copies_the_latest_longest_match_and_grows_the_table(tiny_engine) 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
 def test_tiny_device_tree_equals_ar_and_saves_steps(tiny_engine, arch: str) -> None:
-    """AR's tokens, step for step, on repetitive text where the chain pays: fewer steps than tokens."""
+    """AR's tokens, step for step, on repetitive text where the chain pays: fewer steps than tokens. Every kept
+    drafted token is credited to the source of its path's deepest row (all but each step's greedy token after the
+    path; the last step may end inside the path)."""
     engine = tiny_engine(arch)
     ids = engine.codec.encode(REPETITIVE)
     ar = decode(engine, ids)
     dev = decode(engine, ids, DeviceTree(engine.runner, 16, 6))
     assert dev.new == ar.new and sum(dev.accepted) == len(dev.new) and dev.steps < len(dev.new)
+    assert dev.by_source.get("prompt", 0) > 0 and set(dev.by_source) <= {"prompt", "recycling"}
+    assert len(dev.new) - dev.steps <= sum(dev.by_source.values()) <= len(dev.new) - dev.steps + 1
 
 
 @pytest.mark.parametrize("max_new", [1, 7])
