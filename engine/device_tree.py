@@ -173,7 +173,7 @@ class DeviceTree:
             run = run & (at >= k) & (seq[(at - k).clamp(min=0)] == seq[(last - k).clamp(min=0)])
             length = length + run
         best = torch.argmax(torch.where(length > 0, length * self.capacity + at, -1))
-        start = torch.where(length[best] > 0, best, self.capacity - 2)
+        start = torch.where(length.max() > 0, best, self.capacity - 2)  # no indexing by a tensor: capturable
         tokens[0:1] = seq[last]
         tokens[1 : 1 + chain] = seq[(start + 1 + self._js[:chain]).clamp(max=self.capacity - 1)]
         for rows, parents, ranks in self.levels:

@@ -246,7 +246,8 @@ def test_bench_and_tune_run_trees_drafted_on_the_device(tiny_engine, tmp_path, m
     cases.write_text("\n".join(json.dumps({"id": f"c{i}", "prefix": REPETITIVE[: 90 + 20 * i], "suffix": "\n"})
                                for i in range(2)) + "\n")
     monkeypatch.setattr(flags, "engine_from_args", lambda args: engine)
-    common = ["--cases", str(cases), "--max-tokens", "24", "--max-seq-len", "1024", "--json", "--no-chart"]
+    common = ["--cases", str(cases), "--max-tokens", "24", "--max-seq-len", "1024", "--json", "--no-chart",
+              "--device", "cpu"]  # the engine's: on a GPU machine the flags' default prompt budget would be CUDA's
     assert cli.main(["bench", *common, "--methods", "ar,tree", "--tree", "16,0,2,6@device"]) == 0
     result = json.loads(capsys.readouterr().out)
     same = result["identical"]["tree"]
