@@ -43,8 +43,8 @@ BUILTIN_LOOKAHEAD = {"cuda": LookaheadConfig(8, 4, 8), "cpu": LookaheadConfig(4,
 # cuda: 64 rows with drafts up to 24 tokens. Since a tree step's projections run in Triton (issue 12's ninth
 # round) a 64-row step costs what a 48-row one does (1.85 against 1.82 ms of GPU time, H200), and on two
 # H200s over the 40 dev cases it ran 1,311 and 1,324 tok/s against 1,184-1,274 for 48 rows (4.07 tokens/step).
-# CUDA drafts on the device (`engine/device_tree.py`): the 1.5B on an H200 over the 40 dev cases, 2.41-2.47x AR end
-# to end (1.98-2.02x with stop rules) against 2.25x (1.90x) for the same tree drafted by the host.
+# CUDA drafts on the device (`engine/device_tree.py`): the 1.5B on an H200 over the 40 dev cases, 2.41-2.49x AR end
+# to end (1.98-2.09x with stop rules) against 2.25x (1.90x) for the same tree drafted by the host.
 BUILTIN_TREE = {"cuda": TreeConfig(64, 0, 2, 24, DEVICE_SOURCES, on_device=True), "cpu": TreeConfig(16, 0, 2)}
 # What "lookahead" without an explicit W,N,G runs: tree decoding, where it measured better than v1. CPU,
 # SmolLM2-135M: more tokens per step and less time per token. CUDA, the 1.5B on an H200 over the 40 dev
