@@ -217,10 +217,9 @@ class DeviceTree:
             mine.copy_(old)
         return graph
 
-    def capture(self, first: int, last: int) -> int:
-        """Capture the graphs of steps based at slots first..last (`Engine.warmup`); returns how many. Writes junk
+    def capture(self, ends: set[int]) -> int:
+        """Capture the graphs of steps that see `ends` slots (`Runner.visible_ends`); returns how many. Writes junk
         K/V from slot 0 on: the caller marks the working cache invalid."""
-        ends = {self.runner.visible_len(min(b, self.capacity - self.rows) + self.rows) for b in range(first, last + 1)}
         for end in sorted(ends - set(self.graphs)):
             self.graphs[end] = self._capture(end)
         return len(ends)

@@ -159,7 +159,7 @@ class Engine:
         captured = warm_up(self.runner, shapes, self.log)
         if tree is not None and tree.on_device and self.runner.use_graphs:  # its own graphs, not a shape's
             started = time.perf_counter()
-            drafted = self.sessions.device_tree(tree).capture(0, self.runner.capacity - tree.budget)
+            drafted = self.sessions.device_tree(tree).capture(self.runner.visible_ends(tree.budget))
             self.log(f"ahead: captured {drafted} CUDA graphs of the device-drafted tree {tree} "
                      f"in {time.perf_counter() - started:.1f} s")
             captured += drafted

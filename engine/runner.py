@@ -109,6 +109,12 @@ class Runner:
     def visible_len(self, end: int) -> int:
         return min(self.capacity, -(-end // self.kv_bucket) * self.kv_bucket)
 
+    def visible_ends(self, rows: int, first: int = 0, last: int | None = None) -> set[int]:
+        """The visible lengths (graph buckets) that a `rows`-row step based at a slot in first..last (default: any
+        slot where it fits) sees."""
+        last = self.capacity - rows if last is None else min(last, self.capacity - rows)
+        return {self.visible_len(b + rows) for b in range(max(0, first), last + 1)}
+
     def inputs(self, shape: StepShape) -> StepInputs:
         """`shape`'s input buffers, made on its first step with the shape's own layout."""
         inputs = self._inputs.get(shape.name)

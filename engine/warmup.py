@@ -31,9 +31,7 @@ def capture_plan(
     limit = runner.capacity if limit is None else limit
     plan = []
     for shape in sorted(shapes.values(), key=lambda s: -s.size):
-        T = shape.size
-        # A step of T tokens based at slot b sees visible_len(b + T) slots, for b in 0 .. capacity - T.
-        ends = sorted({runner.visible_len(end) for end in range(T, runner.capacity + 1)})
+        ends = sorted(runner.visible_ends(shape.size))
         plan.extend((shape, end) for end in ends if end <= limit and (shape.name, end) not in runner.graphs)
     # Whole prompts run from slot 0 only, so each of their sizes reaches one cache length.
     planned = {(shape.name, end) for shape, end in plan} | set(runner.graphs)

@@ -105,9 +105,7 @@ def capture_shapes(engine: Engine, shapes: list[StepShape], spans: list[tuple[in
         return
     for shape in shapes:
         T = shape.size
-        last = runner.capacity - T
-        ends = {runner.visible_len(b + T) for lo, hi in spans for b in range(max(0, lo), min(hi, last) + 1)}
-        for end in sorted(ends):
+        for end in sorted(set().union(*(runner.visible_ends(T, lo, hi) for lo, hi in spans))):
             runner.step(shape, [0] * T, end - T)  # the step's visible length is `end`
     sync(engine.device)
     engine.sessions.invalidate_working_cache()
@@ -118,7 +116,8 @@ def capture_config(engine: Engine, cfg: LookaheadConfig | TreeConfig, spans: lis
     tree drafted on the device's own (which writes junk K/V too)."""
     if isinstance(cfg, TreeConfig) and cfg.on_device:
         if engine.runner.use_graphs:
-            engine.sessions.device_tree(cfg).capture(min(lo for lo, _ in spans), max(hi for _, hi in spans))
+            engine.sessions.device_tree(cfg).capture(
+                set().union(*(engine.runner.visible_ends(cfg.budget, lo, hi) for lo, hi in spans)))
             engine.sessions.invalidate_working_cache()
         return
     capture_shapes(engine, [cfg.shape()], spans)
